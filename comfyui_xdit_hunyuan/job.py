@@ -1,0 +1,77 @@
+"""What one sampling job is: the value the ComfyUI node, the command line and the benchmark build, the
+worker pool ships to every rank, and the engine runs. Plain tensors (CPU) and numbers only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+COND_KEYS = ("context", "text_embedding_mask", "encoder_hidden_states_t5", "text_embedding_mask_t5")
+
+
+class JobError(ValueError):
+    """A job that cannot run as given; the message says what to change."""
+
+
+@dataclass
+class CondEntry:
+    """One conditioning entry, mapped to the model's keyword arguments (ComfyUI's extra_conds)."""
+    context: torch.Tensor                     # [1 or B, L_bert, text_dim] float
+    text_embedding_mask: torch.Tensor         # [1 or B, L_bert]
+    encoder_hidden_states_t5: torch.Tensor    # [1 or B, L_t5, text_dim_t5] float
+    text_embedding_mask_t5: torch.Tensor      # [1 or B, L_t5]
+    image_meta_size: torch.Tensor | None = None   # [1 or B, 6] pixels: H, W, target H, target W, top, left
+    strength: float = 1.0
+
+    def model_kwargs(self) -> dict[str, Any]:
+        kw = {k: getattr(self, k) for k in COND_KEYS}
+        kw["image_meta_size"] = self.image_meta_size
+        return kw
+
+    def batch(self) -> int:
+        return self.context.shape[0]
+
+    def shape_key(self) -> tuple:
+        """Entries with equal keys can be evaluated in one batched model call (as ComfyUI does)."""
+        return tuple(tuple(getattr(self, k).shape[1:]) for k in COND_KEYS) + (self.image_meta_size is None,)
+
+
+@dataclass
+class WeightsRef:
+    """Identity of a set of diffusion-model weights and where to get them.
+
+    identity: any string that changes whenever the weights change (file path + mtime, a hash of the
+    patches applied, ...). source: a path the workers load from, or an in-memory canonical state dict,
+    or "random:<seed>:<preset>" for built-in random weights (demo, benchmark). Workers keep the last
+    identity loaded and skip loading when it matches.
+    """
+    identity: str
+    source: Any = None
+
+
+@dataclass
+class Job:
+    weights: WeightsRef
+    positive: list[CondEntry]
+    negative: list[CondEntry]
+    latent: torch.Tensor               # [B, 4, h, w] LATENT "samples" (unscaled VAE space), float32
+    noise: torch.Tensor                # [B, 4, h, w] initial noise (ComfyUI prepare_noise), float32
+    sigmas: torch.Tensor               # [steps + 1] float, descending, last usually 0
+    sampler: str = "euler"
+    cfg: float = 5.0
+    seed: int = 0                      # for the noise of ancestral / SDE samplers
+    sampler_options: dict = field(default_factory=dict)
+    step_noises: list | None = None    # optional per-step noise tensors (e.g. ComfyUI's own noise sampler)
+    preview_every: int = 0             # send a small x0 preview every N steps (0: never)
+    job_id: str = ""
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def uses_uncond(self) -> bool:
+        """ComfyUI skips the unconditional pass when cfg is 1."""
+        return not math.isclose(self.cfg, 1.0)

@@ -1,0 +1,120 @@
+"""Attention kernels.
+
+Tensors are head-first, [batch, heads, tokens, head_dim] (the layout of torch SDPA). Two entry points:
+
+- `attention(q, k, v, backend)`: the output only.
+- `attention_lse(q, k, v, backend)`: the output and the log-sum-exp of each query row (float32
+  [batch, heads, tokens]); ring attention merges partial results with it.
+
+Backends: "auto" (the fastest one available for the device), "sdpa" (torch's dispatcher), "flash",
+"cudnn", "efficient" (torch's fused CUDA kernels), "flash_attn" (the flash-attn package), "math"
+(plain matmul + softmax in float32; any device, the slow reference).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flash", "cudnn", "efficient", "flash_attn", "math")
+
+try:  # optional extra
+    from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
+except Exception:  # noqa: BLE001 - any import failure means "not installed"
+    _flash_attn_func = None
+
+
+def flash_attn_available() -> bool:
+    return _flash_attn_func is not None
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{name}'; choose one of: {', '.join(BACKENDS)}")
+    if name == "flash_attn" and _flash_attn_func is None:
+        raise ValueError("attention backend 'flash_attn' needs the flash-attn package "
+                         "(pip install flash-attn); or choose 'auto'")
+    return name
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn 'auto' into a concrete backend for this device and dtype."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        return "sdpa"
+    if dtype in (torch.float16, torch.bfloat16):
+        if _flash_attn_func is not None:
+            return "flash_attn"
+        return "cudnn"
+    return "sdpa"
+
+
+def _pad_head_dim(t: torch.Tensor, to: int) -> torch.Tensor:
+    return F.pad(t, (0, to - t.shape[-1])) if t.shape[-1] != to else t
+
+
+def _cudnn_head_dim(d: int) -> int:
+    # cuDNN's fused kernel is fastest at multiples of 32 on Hopper (88 -> 96, measured in
+    # reference/performance.md); zero columns change neither q.k nor the output of the first d columns.
+    return d if d % 32 == 0 else min(128, (d + 31) // 32 * 32) if d <= 128 else d
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    if backend in ("auto",):
+        backend = resolve_backend(backend, q.device, q.dtype)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    return attention_lse(q, k, v, backend)[0]
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention without mask; returns (out [B,H,Lq,d] in q's dtype, lse float32 [B,H,Lq])."""
+    backend = resolve_backend(backend, q.device, q.dtype)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d)
+    lq = q.shape[2]
+    if backend == "math":
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.float())
+        return out.to(q.dtype), lse
+    if backend == "flash_attn":
+        out, lse, _ = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       softmax_scale=scale, return_attn_probs=True)
+        return out.transpose(1, 2), lse[..., :lq].float()
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+        return out, lse.float()
+    if backend in ("sdpa", "flash"):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+        return out, lse.float()
+    if backend == "cudnn":
+        dp = _cudnn_head_dim(d)
+        qp, kp, vp = (_pad_head_dim(t, dp) for t in (q, k, v))
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qp, kp, vp, None, True, 0.0, False, False, scale=scale)
+        out, lse = res[0], res[1]
+        return out[..., :d], lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :lq].float()
+    if backend == "efficient":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, scale=scale)[:2]
+        return out, lse[..., :lq].float()
+    raise ValueError(f"unknown attention backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+
+
+def merge_partial(out: torch.Tensor | None, lse: torch.Tensor | None,
+                  blk_out: torch.Tensor, blk_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two softmax-attention partial results over disjoint key sets, in float32.
+
+    out: float32 [B,H,L,d] accumulator (or None), lse: float32 [B,H,L]. Returns the new pair.
+    """
+    blk_out = blk_out.float()
+    if out is None:
+        return blk_out, blk_lse
+    new_lse = torch.logaddexp(lse, blk_lse)
+    w_old = torch.exp(lse - new_lse).unsqueeze(-1)
+    w_blk = torch.exp(blk_lse - new_lse).unsqueeze(-1)
+    return out * w_old + blk_out * w_blk, new_lse

@@ -1,0 +1,354 @@
+"""HunyuanDiT (v1.0, v1.1, v1.2; DiT-g/2 and any smaller shape), one parameter naming: ComfyUI's / the
+original release's. The forward follows ComfyUI's `comfy.ldm.hydit.models.HunYuanDiT` keyword for
+keyword, so CONDITIONING maps 1:1.
+
+Hooks for the parallel engine, and nothing else parallel-specific:
+- self-attention calls `attention(q, k, v, block_index)` on post-norm, post-RoPE head-first tensors
+  (`SelfAttention` protocol below); the default is local SDPA;
+- `run_blocks` runs any contiguous block range on any token slice, taking and returning skip
+  activations by block index, so stages and sequence slices compose.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention as attention_kernel
+from .config import HunyuanDiTConfig
+from .rope import TokenGrid, apply_rope, rope_table
+
+
+class SelfAttention(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:
+        """q, k, v: [B, H, L_local, d] (RoPE applied with global positions) -> [B, H, L_local, d]."""
+
+
+class LocalAttention:
+    """Plain attention over the tokens given (serial runs, and cross-checks)."""
+
+    def __init__(self, backend: str = "sdpa"):
+        self.backend = backend
+
+    def __call__(self, q, k, v, block):
+        return attention_kernel(q, k, v, self.backend)
+
+
+def layer_norm32(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm with float32 statistics (as the original), result in x's dtype."""
+    w = norm.weight.float() if norm.weight is not None else None
+    b = norm.bias.float() if norm.bias is not None else None
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(x.dtype)
+
+
+def silu32(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x.float()).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos first (diffusers' flip_sin_to_cos=True), float32 [N, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, **kw):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, **kw)
+        self.fc2 = nn.Linear(hidden, dim, **kw)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool, **kw):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.Wqkv = nn.Linear(dim, 3 * dim, **kw)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6, **kw) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6, **kw) if qk_norm else None
+        self.out_proj = nn.Linear(dim, dim, **kw)
+
+    def forward(self, x, rope, attention: SelfAttention, block: int):
+        b, n, _ = x.shape
+        q, k, v = self.Wqkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_norm is not None:
+            q, k = layer_norm32(q, self.q_norm), layer_norm32(k, self.k_norm)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, block)                          # [b, h, n, d]
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, dim: int, text_dim: int, heads: int, qk_norm: bool, **kw):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q_proj = nn.Linear(dim, dim, **kw)
+        self.kv_proj = nn.Linear(text_dim, 2 * dim, **kw)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6, **kw) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6, **kw) if qk_norm else None
+        self.out_proj = nn.Linear(dim, dim, **kw)
+
+    def text_kv(self, text):
+        """Keys and values of the text tokens: the same for every image token and every step."""
+        b, s, _ = text.shape
+        k, v = self.kv_proj(text).view(b, s, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.k_norm is not None:
+            k = layer_norm32(k, self.k_norm)
+        return k, v
+
+    def forward(self, x, text_kv, rope, backend: str):
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = layer_norm32(q, self.q_norm)
+        q = apply_rope(q, *rope)                                  # RoPE on the image query only
+        out = attention_kernel(q, *text_kv, backend)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class HunyuanDiTBlock(nn.Module):
+    def __init__(self, cfg: HunyuanDiTConfig, skip: bool, **kw):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=1e-6, **kw)
+        self.attn1 = SelfAttentionLayer(d, cfg.num_heads, cfg.qk_norm, **kw)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6, **kw)          # before the FFN (original naming)
+        self.mlp = Mlp(d, cfg.mlp_hidden, **kw)
+        self.default_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, d, **kw))
+        self.attn2 = CrossAttentionLayer(d, cfg.text_dim, cfg.num_heads, cfg.qk_norm, **kw)
+        self.norm3 = nn.LayerNorm(d, eps=1e-6, **kw)          # before the cross-attention
+        if skip:
+            self.skip_norm = nn.LayerNorm(2 * d, eps=1e-6, **kw)
+            self.skip_linear = nn.Linear(2 * d, d, **kw)
+        else:
+            self.skip_norm = self.skip_linear = None
+
+    def forward(self, x, shift, text_kv, rope, skip, attention: SelfAttention, index: int, cross_backend: str):
+        if self.skip_linear is not None:
+            x = self.skip_linear(layer_norm32(torch.cat([x, skip], dim=-1), self.skip_norm))
+        x = x + self.attn1(layer_norm32(x, self.norm1) + shift, rope, attention, index)
+        x = x + self.attn2(layer_norm32(x, self.norm3), text_kv, rope, cross_backend)
+        return x + self.mlp(layer_norm32(x, self.norm2))
+
+
+class AttentionPool(nn.Module):
+    """Pools the raw mT5 states: a mean token attends (8 heads) over itself and the tokens."""
+
+    def __init__(self, seq: int, dim: int, heads: int, out_dim: int, **kw):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.empty(seq + 1, dim, **kw))
+        self.k_proj = nn.Linear(dim, dim, **kw)
+        self.q_proj = nn.Linear(dim, dim, **kw)
+        self.v_proj = nn.Linear(dim, dim, **kw)
+        self.c_proj = nn.Linear(dim, out_dim, **kw)
+        self.heads = heads
+
+    def forward(self, x):
+        x = x[:, : self.positional_embedding.shape[0] - 1]          # ComfyUI: longer prompts pool 256
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        b, n, c = x.shape
+        hd = c // self.heads
+        q = self.q_proj(x[:, :1]).view(b, 1, self.heads, hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.heads, hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.heads, hd).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c)
+        return self.c_proj(out)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, d: int, patch: int, out_ch: int, **kw):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False, **kw)
+        self.linear = nn.Linear(d, patch * patch * out_ch, **kw)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d, **kw))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        x = layer_norm32(x, self.norm_final) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return self.linear(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_ch: int, d: int, patch: int, **kw):
+        super().__init__()
+        self.patch_size = patch
+        self.proj = nn.Conv2d(in_ch, d, kernel_size=patch, stride=patch, **kw)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+@dataclass
+class Conditions:
+    """Per-call conditioning shared by every block: timestep+extras vector and text keys/values."""
+    c: torch.Tensor                    # [B, hidden]
+    text: torch.Tensor                 # [B, L_text, text_dim]
+    shifts: list | None = None         # per block [B, 1, hidden] (filled lazily)
+    text_kv: list | None = None        # per block (k, v) of the text tokens (filled lazily)
+
+
+class HunyuanDiT(nn.Module):
+    def __init__(self, cfg: HunyuanDiTConfig, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.mlp_t5 = nn.Sequential(nn.Linear(cfg.text_dim_t5, cfg.text_dim_t5 * 4, **kw), nn.SiLU(),
+                                    nn.Linear(cfg.text_dim_t5 * 4, cfg.text_dim, **kw))
+        self.text_embedding_padding = nn.Parameter(torch.empty(cfg.text_len + cfg.text_len_t5, cfg.text_dim, **kw))
+        self.pooler = AttentionPool(cfg.text_len_t5, cfg.text_dim_t5, cfg.pooler_heads, cfg.pooler_out, **kw)
+        if cfg.style_cond:
+            self.style_embedder = nn.Embedding(1, d, **kw)
+        self.x_embedder = PatchEmbed(cfg.in_channels, d, cfg.patch_size, **kw)
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, d, **kw), nn.SiLU(), nn.Linear(d, d, **kw))
+        self.extra_embedder = nn.Sequential(nn.Linear(cfg.extra_in_dim, d * 4, **kw), nn.SiLU(),
+                                            nn.Linear(d * 4, d, **kw))
+        self.blocks = nn.ModuleList(HunyuanDiTBlock(cfg, skip=i > cfg.depth // 2, **kw) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, **kw)
+        self.cross_backend = "sdpa"
+        self._rope_cache: dict = {}
+
+    # ---------------------------------------------------------------- pieces the engine composes
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.proj.weight.device
+
+    def rope(self, grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) float32 [tokens, head_dim] on the model's device, cached per grid."""
+        key = (grid, self.device)
+        if key not in self._rope_cache:
+            cos, sin = rope_table(grid, self.cfg.head_dim)
+            self._rope_cache = {key: (cos.to(self.device), sin.to(self.device))}
+        return self._rope_cache[key]
+
+    def embed_conditions(self, t, context, text_embedding_mask, encoder_hidden_states_t5,
+                         text_embedding_mask_t5, image_meta_size=None, style=None, *,
+                         batch: int | None = None) -> Conditions:
+        """Conditioning of one model call; tensors with batch 1 (and a scalar t) are repeated to
+        `batch` (default: the largest batch among the inputs), as ComfyUI repeats conds."""
+        cfg, dt = self.cfg, self.dtype
+        b = batch or max(context.shape[0], encoder_hidden_states_t5.shape[0], t.numel())
+
+        def rep(v, dtype=None):
+            v = v.to(self.device, dtype) if dtype is not None else v.to(self.device)
+            return v.expand(b, *v.shape[1:]) if v.shape[0] == 1 and b > 1 else v
+
+        context, t5 = rep(context, dt), rep(encoder_hidden_states_t5, dt)
+        t = rep(t.reshape(-1))
+        mask = rep(text_embedding_mask).bool()
+        mask_t5 = rep(text_embedding_mask_t5).bool()
+
+        t5_tokens = self.mlp_t5[2](silu32(self.mlp_t5[0](t5)))
+        pad = self.text_embedding_padding.to(dt)
+        # Masked positions among the LAST text_len / text_len_t5 tokens take the learned padding.
+        bert = context.clone()
+        n = cfg.text_len
+        bert[:, -n:] = torch.where(mask[:, -n:, None], bert[:, -n:], pad[:n][-bert.shape[1]:])
+        n5 = cfg.text_len_t5
+        t5_tokens[:, -n5:] = torch.where(mask_t5[:, -n5:, None], t5_tokens[:, -n5:], pad[n:][-t5_tokens.shape[1]:])
+        text = torch.cat([bert, t5_tokens], dim=1)
+
+        temb = self.t_embedder.mlp[2](silu32(self.t_embedder.mlp[0](timestep_embedding(t, 256).to(dt))))
+        extra = [self.pooler(t5)]
+        if cfg.size_cond:
+            if image_meta_size is None:
+                raise ValueError("this HunyuanDiT (v1.0/v1.1) needs image_meta_size "
+                                 "[[height, width, target height, target width, crop top, crop left]]")
+            meta = rep(image_meta_size.float().reshape(-1, 6))
+            extra.append(timestep_embedding(meta.reshape(-1), 256).to(dt).reshape(b, 6 * 256))
+        if cfg.style_cond:
+            st = torch.zeros(b, dtype=torch.long, device=self.device) if style is None else rep(style.reshape(-1)).long()
+            extra.append(self.style_embedder(st).to(dt))
+        e = self.extra_embedder
+        c = temb + e[2](silu32(e[0](torch.cat(extra, dim=1))))
+        return Conditions(c=c, text=text)
+
+    def block_inputs(self, cond: Conditions, block: int):
+        """(shift, text_kv) of one block; computed once per Conditions."""
+        if cond.shifts is None:
+            cond.shifts = [None] * self.cfg.depth
+            cond.text_kv = [None] * self.cfg.depth
+        if cond.shifts[block] is None:
+            blk = self.blocks[block]
+            cond.shifts[block] = blk.default_modulation[1](silu32(cond.c)).unsqueeze(1)
+            cond.text_kv[block] = blk.attn2.text_kv(cond.text)
+        return cond.shifts[block], cond.text_kv[block]
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent [B, C, H, W] -> tokens [B, rows*cols, hidden]; odd sizes padded circularly (ComfyUI)."""
+        p = self.cfg.patch_size
+        ph, pw = (-x.shape[-2]) % p, (-x.shape[-1]) % p
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="circular")
+        return self.x_embedder(x.to(self.dtype))
+
+    def run_blocks(self, x: torch.Tensor, cond: Conditions, rope, blocks: Iterable[int],
+                   skips: dict[int, torch.Tensor], attention: SelfAttention) -> torch.Tensor:
+        """Run `blocks` (ascending indices) on tokens x. Skip inputs are popped from `skips` by the
+        index of the block that produced them; skip outputs are stored there under this block's index."""
+        for i in blocks:
+            src = self.cfg.skip_source(i)
+            skip = skips.pop(src) if src is not None else None
+            shift, text_kv = self.block_inputs(cond, i)
+            x = self.blocks[i](x, shift, text_kv, rope, skip, attention, i, self.cross_backend)
+            if self.cfg.is_skip_source(i):
+                skips[i] = x
+        return x
+
+    def final_tokens(self, x: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """Final layer on tokens -> [B, L, p*p*C_out]."""
+        return self.final_layer(x, cond.c)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: TokenGrid, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens [B, n_rows*cols, p*p*C] of token rows `rows` (default all) -> v-prediction
+        [B, C_in, latent rows, W], cropped to the latent size, float32."""
+        p, c = self.cfg.patch_size, self.cfg.out_channels
+        r0, r1 = rows if rows is not None else (0, grid.rows)
+        b = tokens.shape[0]
+        x = tokens.reshape(b, r1 - r0, grid.cols, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, (r1 - r0) * p, grid.cols * p)
+        x = x[:, : self.cfg.in_channels, : min(grid.height, r1 * p) - r0 * p, : grid.width]
+        return x.float()
+
+    # ---------------------------------------------------------------- the whole model, serially
+    def forward(self, x, t, context, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,
+                image_meta_size=None, style=None, *, attention: SelfAttention | None = None) -> torch.Tensor:
+        """v-prediction [B, in_channels, H, W] (float32) for latent x [B, in_channels, H, W]."""
+        cond = self.embed_conditions(t, context, text_embedding_mask, encoder_hidden_states_t5,
+                                     text_embedding_mask_t5, image_meta_size, style, batch=x.shape[0])
+        grid = TokenGrid(x.shape[-2], x.shape[-1], self.cfg.patch_size)
+        tokens = self.run_blocks(self.embed_image(x), cond, self.rope(grid), range(self.cfg.depth), {},
+                                 attention or LocalAttention())
+        return self.unpatchify(self.final_tokens(tokens, cond), grid)
+
+
+def init_random_(model: HunyuanDiT, seed: int = 0, std: float = 0.02) -> HunyuanDiT:
+    """Fill every parameter with seeded random values (tests and the demo; no downloads)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                val = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+            elif p.ndim == 1:
+                val = std * torch.randn(p.shape, generator=g)
+            else:
+                val = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
+            p.copy_(val.to(p.dtype))
+    return model
