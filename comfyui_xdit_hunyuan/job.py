@@ -75,3 +75,12 @@ class Job:
     def uses_uncond(self) -> bool:
         """ComfyUI skips the unconditional pass when cfg is 1."""
         return not math.isclose(self.cfg, 1.0)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled between steps; every rank stopped at the same step, the pool stays warm."""
+
+
+class PoolError(RuntimeError):
+    """The worker pool failed (a worker died, hung, or raised); the message carries the worker's words.
+    The pool is restarted for the next job."""

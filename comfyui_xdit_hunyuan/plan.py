@@ -92,8 +92,9 @@ class ParallelConfig:
             raise PlanError(f"num_pipeline_patch {self.num_pipeline_patch} is smaller than pipefusion_degree "
                             f"{self.pipefusion_degree}: stages would idle; use >= {self.pipefusion_degree} "
                             f"(or 0 for one patch per stage)")
-        if self.warmup_steps < 0:
-            raise PlanError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps < 0 or (self.pipefusion_degree > 1 and self.warmup_steps < 1):
+            raise PlanError(f"warmup_steps must be >= 1 with PipeFusion (the first step fills every layer's "
+                            f"K/V buffer), got {self.warmup_steps}")
         if self.attention not in BACKENDS:
             raise PlanError(f"attention backend '{self.attention}' is unknown; choose one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:

@@ -29,10 +29,15 @@ def preset(name: str) -> HunyuanDiTConfig:
 
 def random_model(cfg: HunyuanDiTConfig | str = "tiny", seed: int = 0, dtype=torch.float32,
                  device="cpu") -> HunyuanDiT:
+    """A HunyuanDiT with seeded random weights, generated directly on `device` (a full-size model
+    initialises in a fraction of a second on a GPU). The same seed gives the same weights on every
+    device of one type (CPU numbers differ from CUDA numbers)."""
     cfg = preset(cfg) if isinstance(cfg, str) else cfg
-    model = HunyuanDiT(cfg, dtype=torch.float32, device="cpu")
+    with torch.device("meta"):
+        model = HunyuanDiT(cfg, dtype=torch.float32)
+    model.to_empty(device=device)
     init_random_(model, seed)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
 def random_cond(cfg: HunyuanDiTConfig, seed: int = 0, batch: int = 1, bert_len: int | None = None,

@@ -56,16 +56,23 @@ def _pad_head_dim(t: torch.Tensor, to: int) -> torch.Tensor:
 
 
 def _cudnn_head_dim(d: int) -> int:
-    # cuDNN's fused kernel is fastest at multiples of 32 on Hopper (88 -> 96, measured in
-    # reference/performance.md); zero columns change neither q.k nor the output of the first d columns.
-    return d if d % 32 == 0 else min(128, (d + 31) // 32 * 32) if d <= 128 else d
+    """cuDNN's fused kernel is fastest at head dims that are multiples of 32 on Hopper (88 -> 96 measured
+    faster in reference/performance.md). Zero columns change neither q.k nor the first d output columns."""
+    return d if d % 32 == 0 or d > 128 else min(128, (d + 31) // 32 * 32)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    if backend in ("auto",):
-        backend = resolve_backend(backend, q.device, q.dtype)
-    if backend == "sdpa":
+    """Softmax attention without mask, [B,H,Lq,d] in q's dtype."""
+    backend = resolve_backend(backend, q.device, q.dtype)
+    if backend == "sdpa" or (q.device.type == "cpu" and backend != "math"):
         return F.scaled_dot_product_attention(q, k, v)
+    if backend == "cudnn":
+        d = q.shape[-1]
+        dp = _cudnn_head_dim(d)
+        qp, kp, vp = (_pad_head_dim(t, dp) for t in (q, k, v))
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qp, kp, vp, None, False, 0.0, False, False, scale=1.0 / math.sqrt(d))[0]
+        return out[..., :d]
     return attention_lse(q, k, v, backend)[0]
 
 
@@ -94,13 +101,11 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if backend == "cudnn":
         dp = _cudnn_head_dim(d)
         qp, kp, vp = (_pad_head_dim(t, dp) for t in (q, k, v))
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            qp, kp, vp, None, True, 0.0, False, False, scale=scale)
-        out, lse = res[0], res[1]
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qp, kp, vp, None, True, 0.0, False, False, scale=scale)[:2]
         return out[..., :d], lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :lq].float()
     if backend == "efficient":
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, scale=scale)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
         return out, lse[..., :lq].float()
     raise ValueError(f"unknown attention backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 

@@ -11,7 +11,7 @@ Hooks for the parallel engine, and nothing else parallel-specific:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
@@ -39,10 +39,11 @@ class LocalAttention:
 
 
 def layer_norm32(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm with float32 statistics (as the original), result in x's dtype."""
-    w = norm.weight.float() if norm.weight is not None else None
-    b = norm.bias.float() if norm.bias is not None else None
-    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(x.dtype)
+    """LayerNorm in x's dtype; the kernels accumulate the statistics in float32 for half types (as the
+    original computes them), and the affine weights are cast to x's dtype as ComfyUI does."""
+    w = norm.weight.to(x.dtype) if norm.weight is not None else None
+    b = norm.bias.to(x.dtype) if norm.bias is not None else None
+    return F.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
 
 
 def silu32(x: torch.Tensor) -> torch.Tensor:
@@ -190,12 +191,19 @@ class PatchEmbed(nn.Module):
 
 
 @dataclass
+class TextConditions:
+    """Everything that depends on the conditioning but not on the timestep: computed once per job."""
+    text: torch.Tensor                 # [B, L_text, text_dim] merged BERT ++ projected mT5 tokens
+    extra: torch.Tensor                # [B, hidden] extra_embedder(pooled mT5 ++ meta size ++ style)
+    text_kv: list = field(default_factory=list)   # per block: cross-attention (k, v), filled lazily
+
+
+@dataclass
 class Conditions:
-    """Per-call conditioning shared by every block: timestep+extras vector and text keys/values."""
+    """Conditioning of one model evaluation: the timestep vector c plus the text."""
     c: torch.Tensor                    # [B, hidden]
-    text: torch.Tensor                 # [B, L_text, text_dim]
-    shifts: list | None = None         # per block [B, 1, hidden] (filled lazily)
-    text_kv: list | None = None        # per block (k, v) of the text tokens (filled lazily)
+    text: TextConditions
+    shifts: list = field(default_factory=list)    # per block [B, 1, hidden], filled lazily
 
 
 class HunyuanDiT(nn.Module):
@@ -238,20 +246,18 @@ class HunyuanDiT(nn.Module):
             self._rope_cache = {key: (cos.to(self.device), sin.to(self.device))}
         return self._rope_cache[key]
 
-    def embed_conditions(self, t, context, text_embedding_mask, encoder_hidden_states_t5,
-                         text_embedding_mask_t5, image_meta_size=None, style=None, *,
-                         batch: int | None = None) -> Conditions:
-        """Conditioning of one model call; tensors with batch 1 (and a scalar t) are repeated to
-        `batch` (default: the largest batch among the inputs), as ComfyUI repeats conds."""
+    def encode_text(self, context, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,
+                    image_meta_size=None, style=None, *, batch: int | None = None) -> TextConditions:
+        """Text tokens and the timestep-free part of c. Tensors with batch 1 are repeated to `batch`
+        (default: the largest batch among the inputs), as ComfyUI repeats conds to the latent batch."""
         cfg, dt = self.cfg, self.dtype
-        b = batch or max(context.shape[0], encoder_hidden_states_t5.shape[0], t.numel())
+        b = batch or max(context.shape[0], encoder_hidden_states_t5.shape[0])
 
         def rep(v, dtype=None):
             v = v.to(self.device, dtype) if dtype is not None else v.to(self.device)
             return v.expand(b, *v.shape[1:]) if v.shape[0] == 1 and b > 1 else v
 
         context, t5 = rep(context, dt), rep(encoder_hidden_states_t5, dt)
-        t = rep(t.reshape(-1))
         mask = rep(text_embedding_mask).bool()
         mask_t5 = rep(text_embedding_mask_t5).bool()
 
@@ -265,7 +271,6 @@ class HunyuanDiT(nn.Module):
         t5_tokens[:, -n5:] = torch.where(mask_t5[:, -n5:, None], t5_tokens[:, -n5:], pad[n:][-t5_tokens.shape[1]:])
         text = torch.cat([bert, t5_tokens], dim=1)
 
-        temb = self.t_embedder.mlp[2](silu32(self.t_embedder.mlp[0](timestep_embedding(t, 256).to(dt))))
         extra = [self.pooler(t5)]
         if cfg.size_cond:
             if image_meta_size is None:
@@ -277,19 +282,28 @@ class HunyuanDiT(nn.Module):
             st = torch.zeros(b, dtype=torch.long, device=self.device) if style is None else rep(style.reshape(-1)).long()
             extra.append(self.style_embedder(st).to(dt))
         e = self.extra_embedder
-        c = temb + e[2](silu32(e[0](torch.cat(extra, dim=1))))
-        return Conditions(c=c, text=text)
+        return TextConditions(text=text, extra=e[2](silu32(e[0](torch.cat(extra, dim=1)))))
+
+    def conditions(self, text: TextConditions, t: torch.Tensor) -> Conditions:
+        """Conditioning of one evaluation at timestep(s) t (scalar or [B])."""
+        b = text.extra.shape[0]
+        t = t.to(self.device).reshape(-1)
+        t = t.expand(b) if t.numel() == 1 else t
+        temb = self.t_embedder.mlp[2](silu32(self.t_embedder.mlp[0](timestep_embedding(t, 256).to(self.dtype))))
+        return Conditions(c=temb + text.extra, text=text)
 
     def block_inputs(self, cond: Conditions, block: int):
-        """(shift, text_kv) of one block; computed once per Conditions."""
-        if cond.shifts is None:
+        """(shift, text_kv) of one block: the shift once per evaluation, the text K/V once per job."""
+        if not cond.shifts:
             cond.shifts = [None] * self.cfg.depth
-            cond.text_kv = [None] * self.cfg.depth
+        if not cond.text.text_kv:
+            cond.text.text_kv = [None] * self.cfg.depth
+        blk = self.blocks[block]
         if cond.shifts[block] is None:
-            blk = self.blocks[block]
             cond.shifts[block] = blk.default_modulation[1](silu32(cond.c)).unsqueeze(1)
-            cond.text_kv[block] = blk.attn2.text_kv(cond.text)
-        return cond.shifts[block], cond.text_kv[block]
+        if cond.text.text_kv[block] is None:
+            cond.text.text_kv[block] = blk.attn2.text_kv(cond.text.text)
+        return cond.shifts[block], cond.text.text_kv[block]
 
     def embed_image(self, x: torch.Tensor) -> torch.Tensor:
         """Latent [B, C, H, W] -> tokens [B, rows*cols, hidden]; odd sizes padded circularly (ComfyUI)."""
@@ -327,12 +341,21 @@ class HunyuanDiT(nn.Module):
         x = x[:, : self.cfg.in_channels, : min(grid.height, r1 * p) - r0 * p, : grid.width]
         return x.float()
 
+    def compile_blocks(self) -> None:
+        """Regional torch.compile: each block is compiled (blocks share the compiled code), so the first
+        run stays short; sequence-parallel attention strategies are excluded from the graphs."""
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for blk in self.blocks:
+            blk.compile(dynamic=False)
+
     # ---------------------------------------------------------------- the whole model, serially
     def forward(self, x, t, context, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,
                 image_meta_size=None, style=None, *, attention: SelfAttention | None = None) -> torch.Tensor:
         """v-prediction [B, in_channels, H, W] (float32) for latent x [B, in_channels, H, W]."""
-        cond = self.embed_conditions(t, context, text_embedding_mask, encoder_hidden_states_t5,
-                                     text_embedding_mask_t5, image_meta_size, style, batch=x.shape[0])
+        text = self.encode_text(context, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,
+                                image_meta_size, style, batch=x.shape[0])
+        cond = self.conditions(text, t)
         grid = TokenGrid(x.shape[-2], x.shape[-1], self.cfg.patch_size)
         tokens = self.run_blocks(self.embed_image(x), cond, self.rope(grid), range(self.cfg.depth), {},
                                  attention or LocalAttention())
@@ -340,15 +363,16 @@ class HunyuanDiT(nn.Module):
 
 
 def init_random_(model: HunyuanDiT, seed: int = 0, std: float = 0.02) -> HunyuanDiT:
-    """Fill every parameter with seeded random values (tests and the demo; no downloads)."""
-    g = torch.Generator().manual_seed(seed)
+    """Fill every parameter with seeded random values on its own device (tests, demo, benchmark)."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
             if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                val = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+                val = 1.0 + 0.1 * r
             elif p.ndim == 1:
-                val = std * torch.randn(p.shape, generator=g)
+                val = std * r
             else:
-                val = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
+                val = r / math.sqrt(p[0].numel())
             p.copy_(val.to(p.dtype))
     return model

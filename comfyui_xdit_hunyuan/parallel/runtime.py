@@ -1,0 +1,108 @@
+"""The per-rank engine a worker process hosts: loads weights once per identity, builds (and keeps) a device
+mesh per set of degrees, and runs jobs with the Runner."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..job import Job, JobError
+from ..model import HunyuanDiT
+from ..model.attention import resolve_backend
+from ..plan import ParallelConfig
+from .mesh import build_mesh
+from .runner import Runner
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def build_weights(source, *, dtype: torch.dtype, device: torch.device) -> HunyuanDiT:
+    """A model from a WeightsRef source: "random:<seed>:<preset>", a path, or a state dict."""
+    if isinstance(source, str) and source.startswith("random:"):
+        from ..tiny import random_model
+        _, seed, preset = source.split(":", 2)
+        return random_model(preset, seed=int(seed), dtype=dtype, device=device)
+    from ..model.loading import load_model
+    return load_model(source, dtype=dtype, device=device)
+
+
+class RankRuntime:
+    """One per worker process, created after torch.distributed's default group is initialised (or with
+    world_size 1 and no torch.distributed at all)."""
+
+    def __init__(self, config: ParallelConfig, rank: int, world_size: int, device: str):
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model: HunyuanDiT | None = None
+        self.identity: str | None = None
+        self.loads = 0                              # real weight loads (tests assert reuse)
+        self.meshes: dict[tuple, object] = {}
+        # CPU group for agreeing on cancellation without touching the GPU stream
+        self.ctrl = dist.new_group(backend="gloo") if world_size > 1 else None
+
+    @property
+    def loaded_identity(self) -> str | None:
+        return self.identity
+
+    def ensure_weights(self, ref) -> bool:
+        """Load `ref` unless its identity is the one loaded. True when weights were loaded."""
+        if ref.identity == self.identity and self.model is not None:
+            return False
+        if ref.source is None:
+            raise JobError("the workers do not hold these weights and none were sent; submit the job again")
+        self.model = None                           # free the old weights first
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.model = build_weights(ref.source, dtype=self.dtype, device=self.device)
+        self.model.cross_backend = resolve_backend(self.config.attention, self.device, self.dtype)
+        if self.config.compile:
+            self.model.compile_blocks()
+        self.identity = ref.identity
+        self.loads += 1
+        return True
+
+    def mesh_for(self, plan: ParallelConfig):
+        key = (plan.cfg_degree, plan.pipefusion_degree, plan.ring_degree, plan.ulysses_degree)
+        if plan.world_size != self.world_size:
+            raise JobError(f"the plan needs {plan.world_size} ranks but the pool has {self.world_size}")
+        if key not in self.meshes:
+            self.meshes[key] = build_mesh(dict(zip(("cfg", "pp", "ring", "ulysses"), key)), self.rank,
+                                          ctrl=self.ctrl)
+        return self.meshes[key]
+
+    def run(self, job: Job, plan: ParallelConfig, *, report: Callable[[dict], None],
+            cancel_requested: Callable[[], bool]) -> torch.Tensor | None:
+        """Run one job under `plan` (degrees resolved for this job; product == world size).
+
+        Loads job.weights when its identity differs from the loaded one. Progress messages
+        {"type": "progress", "step", "total", "preview"} come from one rank (the last pipeline stage's
+        first rank). Cancellation is agreed by all ranks at the same step (JobCancelled everywhere).
+        Returns the final LATENT samples (CPU float32) on rank 0, None elsewhere.
+        """
+        if self.ensure_weights(job.weights):
+            report({"type": "loaded", "identity": self.identity})
+        mesh = self.mesh_for(plan)
+        backend = resolve_backend(plan.attention, self.device, self.dtype)
+        runner = Runner(self.model, mesh, plan, backend=backend, report=report, cancel_requested=cancel_requested)
+        t0 = time.perf_counter()
+        out = runner.run(job)
+        self.last_seconds = time.perf_counter() - t0
+        return out
+
+    def stats(self) -> dict:
+        s = {"rank": self.rank, "device": str(self.device), "loads": self.loads}
+        if self.device.type == "cuda":
+            s["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            s["gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(self.device) / 2**30
+        return s

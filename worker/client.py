@@ -1,0 +1,646 @@
+"""The pool client: lives in ComfyUI's process and owns one worker process per device.
+
+    pool = get_pool(config)                       # reused while config.key() stays the same
+    latent = pool.run(job, plan, on_progress=..., cancel=...)
+
+Faults never hang the caller: a worker that exits, stops answering or raises something other than a
+JobError becomes a PoolError naming the rank, its device and its own last words; every worker is then
+killed and the next run() starts a fresh pool. See worker/protocol.py for the messages.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import AuthenticationError, Connection
+from multiprocessing.connection import wait as wait_connections
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from comfyui_xdit_hunyuan.job import Job, JobCancelled, JobError, PoolError, WeightsRef
+from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError, parse_devices
+
+from . import protocol as P
+from .processes import DIR_PREFIX, describe_exit, kill_group, own_process_group, spawn, sweep_stale_dirs
+
+WORKER_MAIN = Path(__file__).resolve().with_name("main.py")
+POLL_S = 0.05            # how often run() looks at cancel(), exits and heartbeats
+SETTLE_S = 10.0          # after one rank rejects a job (JobError), how long (at most hang_timeout) the
+                         # others get to do the same before the pool counts as stuck
+FAULT_GRACE_S = 0.5      # after a fault, how long to look for a dead rank that caused it
+SHUTDOWN_GRACE_S = 5.0   # close(): how long workers get to exit on their own before SIGKILL
+TAIL_LINES = 30
+
+ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
+
+
+@dataclass(eq=False)
+class _Worker:
+    rank: int
+    device: str
+    proc: subprocess.Popen
+    log_path: Path
+    pid: int = 0
+    conn: Connection | None = None
+    ready: bool = False
+    last_seen: float = 0.0
+    last_error: dict | None = None                  # its last "error" message
+    send_error: OSError | None = None
+    killed: bool = False
+    tail: deque = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    outbox: queue.Queue = field(default_factory=queue.Queue)
+    threads: list = field(default_factory=list)
+
+    def name(self) -> str:
+        return f"rank {self.rank} ({self.device}, pid {self.pid})"
+
+
+class PoolClient:
+    """A warm pool of worker processes, one per device of `config.devices`.
+
+    startup_timeout: seconds the workers get to start (import, process group, runtime; GPU compile can
+    be slow). hang_timeout: seconds a worker may stay silent during a job (heartbeats come every
+    second) before it counts as hung. python: the interpreter for the workers. runtime: the per-rank
+    runtime class as "module:Class" (tests use a fake). log: where the workers' output goes.
+    """
+
+    def __init__(self, config: ParallelConfig, *, startup_timeout: float = 600.0, hang_timeout: float = 60.0,
+                 python: str = sys.executable, log: logging.Logger | None = None,
+                 runtime: str = P.DEFAULT_RUNTIME):
+        self.config = config
+        self.startup_timeout, self.hang_timeout = float(startup_timeout), float(hang_timeout)
+        self.python, self.runtime = python, runtime
+        self.log = log or logging.getLogger("comfyui_xdit_hunyuan.pool")
+        self.last_stats: dict = {}
+        self._workers: list[_Worker] = []
+        self._devices: list[str] | None = None
+        self._tmp: str | None = None
+        self._listener = None
+        self._accept_stop = threading.Event()
+        self._accept_thread: threading.Thread | None = None
+        self._accepted: queue.Queue = queue.Queue()
+        self._loaded_identity: str | None = None
+        self._job_id = 0
+        self._lock = threading.RLock()
+        _clients.add(self)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def alive(self) -> bool:
+        return bool(self._workers) and all(w.ready and w.proc.poll() is None for w in self._workers)
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self._devices) if self._devices is not None else parse_devices(self.config.devices)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers]
+
+    @property
+    def control_address(self):
+        """Where the control listener accepts workers (only while the pool starts), else None."""
+        return self._listener.address if self._listener is not None else None
+
+    @property
+    def temp_dir(self) -> str | None:
+        return self._tmp
+
+    def __enter__(self) -> "PoolClient":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> "PoolClient":
+        """Start the workers (no-op when alive); raises PoolError with the worker's words on failure."""
+        with self._lock:
+            if self.alive:
+                return self
+            self._teardown()
+            self._devices = parse_devices(self.config.devices)
+            try:
+                self._spawn(self._devices)
+                self._wait_ready()
+            except BaseException:
+                self._teardown()
+                raise
+            self._close_listener()
+            self.log.info("xDiT pool ready: %d worker(s) on %s, pids %s", len(self._workers),
+                          ", ".join(self._devices), self.pids)
+            return self
+
+    def _spawn(self, devices: list[str]) -> None:
+        sweep_stale_dirs()
+        self._tmp = tempfile.mkdtemp(prefix=DIR_PREFIX)            # private: mode 0700
+        Path(self._tmp, "owner").write_text(str(os.getpid()))
+        authkey = os.urandom(P.AUTHKEY_BYTES)
+        self._listener = P.control_listener(self._tmp, authkey)
+        family, address = P.format_address(self._listener)
+        self._accept_stop = threading.Event()      # one per start: an old accept thread keeps its own
+        self._accepted = queue.Queue()
+        self._accept_thread = threading.Thread(target=self._accept, name="xdit-pool-accept", daemon=True,
+                                               args=(self._listener, len(devices), self._accepted,
+                                                     self._accept_stop))
+        self._accept_thread.start()
+        world = len(devices)
+        common = ["--world-size", str(world), "--family", family, "--address", address,
+                  "--init-method", Path(self._tmp, "rendezvous").as_uri(),
+                  "--config", json.dumps(self.config.to_dict()), "--runtime", self.runtime,
+                  "--parent-pid", str(os.getpid()), "--pg-timeout", str(max(60.0, self.startup_timeout))]
+        for rank, device in enumerate(devices):
+            try:
+                proc = spawn(
+                    [self.python, str(WORKER_MAIN), "--rank", str(rank), "--device", device, *common],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    env=P.worker_env(os.environ, device, world), **own_process_group())
+            except OSError as e:
+                raise PoolError(f"could not start a worker process with the interpreter '{self.python}': {e}; "
+                                f"pass python= an interpreter that has torch installed") from e
+            w = _Worker(rank, device, proc, Path(self._tmp, f"rank{rank}.log"), pid=proc.pid)
+            self._workers.append(w)
+            try:                      # the key goes through the stdin pipe only, then stdin is closed
+                proc.stdin.write(authkey)
+                proc.stdin.close()
+            except OSError:
+                pass                  # it died already; the start-up loop reports its output
+            for target, name in ((self._pump_output, "output"), (self._send_loop, "sender")):
+                t = threading.Thread(target=target, args=(w,), name=f"xdit-pool-{name}-{rank}", daemon=True)
+                t.start()
+                w.threads.append(t)
+
+    def _accept(self, listener, expected: int, out: queue.Queue, stop: threading.Event) -> None:
+        """Accept `expected` authenticated workers; each must say hello right after the handshake."""
+        accepted = 0
+        while accepted < expected and not stop.is_set():
+            try:
+                conn = listener.accept()      # HMAC challenge both ways before anything is unpickled
+            except AuthenticationError:
+                self.log.warning("xDiT pool: refused a connection to the control socket that did not "
+                                 "know the pool's key")
+                continue
+            except (OSError, EOFError):
+                if stop.wait(POLL_S):
+                    return
+                continue
+            if stop.is_set():
+                conn.close()
+                return
+            try:
+                hello = P.recv(conn) if conn.poll(10.0) else None
+            except Exception:  # noqa: BLE001 - an authenticated peer that says nothing useful
+                hello = None
+            if not isinstance(hello, dict) or hello.get("type") != P.HELLO:
+                conn.close()
+                continue
+            out.put((hello, conn))
+            accepted += 1
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while not all(w.ready for w in self._workers):
+            self._adopt_connections()
+            for w, msg in self._poll():
+                if msg["type"] == P.READY:
+                    w.ready = True
+                elif msg["type"] == P.ERROR:
+                    raise self._fault(w, "failed to start")
+            if time.monotonic() > deadline:
+                late = next(w for w in self._workers if not w.ready)
+                stage = "connect back" if late.conn is None else "finish starting"
+                raise self._fault(late, f"did not {stage} within startup_timeout ({self.startup_timeout:g} s)")
+
+    def _adopt_connections(self) -> None:
+        while True:
+            try:
+                hello, conn = self._accepted.get_nowait()
+            except queue.Empty:
+                return
+            rank = hello.get("rank")
+            if not isinstance(rank, int) or not 0 <= rank < len(self._workers) or \
+                    self._workers[rank].conn is not None:
+                self.log.warning("xDiT pool: ignoring a worker connection that claims rank %r", rank)
+                conn.close()
+                continue
+            w = self._workers[rank]
+            w.conn, w.pid, w.last_seen = conn, int(hello.get("pid") or w.pid), time.monotonic()
+
+    def _close_listener(self) -> None:
+        """Stop accepting connections: after start-up nobody may connect any more."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        self._accept_stop.set()
+        if self._accept_thread is not None and self._accept_thread.is_alive():
+            try:                      # wake the accept() still waiting for a worker that never came
+                family = socket.AF_INET if isinstance(listener.address, tuple) else socket.AF_UNIX
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.settimeout(1.0)
+                    s.connect(listener.address)
+            except OSError:
+                pass
+            self._accept_thread.join(timeout=1.0)
+        try:
+            listener.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ run
+    def run(self, job: Job, plan: ParallelConfig, *, on_progress: ProgressFn | None = None,
+            cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Run one job on every rank; returns rank 0's final latent (CPU float32).
+
+        on_progress(step, total, preview) is called after each step (preview: a small x0 tensor or
+        None); if it raises, the job is cancelled on every rank and the exception re-raised.
+        cancel() is polled every POLL_S seconds; when it returns True every rank stops at the same
+        step and JobCancelled is raised. JobError: the job was rejected, the pool stays warm.
+        PoolError: the pool failed and was stopped; the next run() starts a fresh one.
+        """
+        with self._lock:
+            if not self._idle_and_healthy():
+                self._teardown()
+                self.start()
+            if plan.world_size != len(self._workers):
+                raise PlanError(f"the plan's degrees multiply to {plan.world_size} but the pool has "
+                                f"{len(self._workers)} worker(s) on {', '.join(self._devices)}; resolve the "
+                                f"plan for this pool's devices")
+            self._job_id += 1
+            wire, staged = self._wire_job(job)
+            try:
+                return self._run(self._job_id, wire, plan, staged, on_progress, cancel)
+            finally:
+                _remove(staged)
+
+    def _run(self, job_id: int, job: Job, plan: ParallelConfig, staged: Path | None,
+             on_progress: ProgressFn | None, cancel: Callable[[], bool] | None) -> torch.Tensor:
+        outcome: dict[int, dict] = {}
+        loaded: set[int] = set()
+        interrupt: BaseException | None = None
+        cancelling, settle_deadline = False, None
+        t0 = time.perf_counter()
+        data = P.dumps({"type": P.JOB, "id": job_id, "job": job, "plan": plan})
+        for w in self._workers:
+            w.last_seen = time.monotonic()
+            w.outbox.put(data)
+        try:
+            while len(outcome) < len(self._workers):
+                busy = [w for w in self._workers if w.rank not in outcome]
+                for w, msg in self._poll(busy):
+                    if msg.get("id") != job_id:
+                        continue
+                    kind = msg["type"]
+                    if kind == P.PROGRESS and on_progress is not None and interrupt is None:
+                        try:
+                            on_progress(msg["step"], msg["total"], msg.get("preview"))
+                        except BaseException as e:  # noqa: BLE001 - e.g. ComfyUI's interrupt: cancel, then re-raise
+                            interrupt = e
+                    elif kind == P.LOADED:
+                        loaded.add(w.rank)
+                        if len(loaded) == len(self._workers):
+                            _remove(staged)
+                    elif kind in P.TERMINAL:
+                        if kind == P.ERROR and msg.get("kind") != P.ERROR_JOB:
+                            raise self._fault(w, "failed during the job")
+                        outcome[w.rank] = msg
+                        if kind == P.ERROR and settle_deadline is None:
+                            settle_deadline = time.monotonic() + min(SETTLE_S, self.hang_timeout)
+                if not cancelling:
+                    try:
+                        cancelling = interrupt is not None or (cancel is not None and bool(cancel()))
+                    except BaseException as e:  # noqa: BLE001 - re-raised once every rank stopped
+                        interrupt, cancelling = e, True
+                    if cancelling:
+                        self._broadcast({"type": P.CANCEL, "id": job_id})
+                if settle_deadline is not None and time.monotonic() > settle_deadline:
+                    late = next(w for w in self._workers if w.rank not in outcome)
+                    first = next(m for m in outcome.values() if m["type"] == P.ERROR)
+                    raise self._fault(late, f"went on after rank {first['rank']} rejected the job "
+                                            f"({first['message']}); the runtime must reject a job on every "
+                                            f"rank before any collective, or the other ranks wait forever")
+        except PoolError:
+            raise
+        except BaseException:
+            self._teardown()          # interrupted mid-job: the workers' state is unknown
+            raise
+        self._record(job, outcome, time.perf_counter() - t0)
+        if interrupt is not None:
+            raise interrupt
+        return self._result(outcome)
+
+    def _record(self, job: Job, outcome: dict[int, dict], seconds: float) -> None:
+        ranks = [outcome[r].get("stats", {}) for r in sorted(outcome)]
+        steps = next((s["step_seconds"] for s in ranks if s.get("step_seconds")), [])   # the reporting rank
+        self.last_stats = {"loads": ranks[0].get("loads"), "step_seconds": steps,
+                           "job_seconds": seconds, "ranks": ranks}
+        if all("identity" in s for s in ranks):
+            ids = {s["identity"] for s in ranks}
+            self._loaded_identity = ids.pop() if len(ids) == 1 else None
+        else:
+            done = all(m["type"] == P.DONE for m in outcome.values())
+            self._loaded_identity = job.weights.identity if done else None
+
+    def _result(self, outcome: dict[int, dict]) -> torch.Tensor:
+        errors = [outcome[r] for r in sorted(outcome) if outcome[r]["type"] == P.ERROR]
+        if errors:
+            raise (PlanError if errors[0].get("cls") == "PlanError" else JobError)(errors[0]["message"])
+        first = outcome[0]
+        if first["type"] == P.CANCELLED:
+            raise JobCancelled(first.get("message") or "the job was cancelled")
+        result = first.get("result")
+        if not isinstance(result, torch.Tensor):
+            raise self._fault(self._workers[0], "finished the job without returning a latent (a bug in the "
+                                                "runtime: rank 0 must return the final latent)")
+        return result.to(device="cpu", dtype=torch.float32)
+
+    def _wire_job(self, job: Job) -> tuple[Job, Path | None]:
+        """The job as sent: weights already loaded travel as identity only; an in-memory state dict is
+        written once to a private safetensors file that every rank reads."""
+        ref = job.weights
+        if not isinstance(ref, WeightsRef):
+            raise JobError(f"job.weights must be a WeightsRef(identity, source), got {type(ref).__name__}")
+        source, staged = ref.source, None
+        if self._loaded_identity is not None and ref.identity == self._loaded_identity:
+            source = None
+        elif isinstance(source, Mapping):
+            staged = self._stage_state_dict(source)
+            source = str(staged)
+        elif isinstance(source, (str, os.PathLike)):
+            source = os.fspath(source)
+        elif source is None:
+            raise JobError(f"the weights '{ref.identity}' are not loaded in the pool and the job gives no "
+                           f"source; pass a file path, a state dict or 'random:<seed>:<preset>'")
+        else:
+            raise JobError(f"a weights source of type {type(source).__name__} is not supported; pass a file "
+                           f"path, a state dict of tensors or 'random:<seed>:<preset>'")
+        return replace(job, weights=WeightsRef(ref.identity, source)), staged
+
+    def _stage_state_dict(self, state_dict: Mapping) -> Path:
+        from safetensors.torch import save_file
+
+        tensors, storages = {}, set()
+        for name, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise JobError(f"the weights state dict entry '{name}' is a {type(value).__name__}, not a "
+                               f"tensor; pass only tensors")
+            t = value.detach().to("cpu").contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            if t.numel() and ptr in storages:
+                t = t.clone()         # safetensors refuses tensors that share memory
+            storages.add(ptr)
+            tensors[str(name)] = t
+        path = Path(self._tmp, f"weights-{self._job_id}.safetensors")
+        try:
+            save_file(tensors, str(path))
+        except OSError as e:
+            _remove(path)
+            raise PoolError(f"could not write the model weights for the workers to {path}: {e}; free disk "
+                            f"space there or point TMPDIR to a larger disk") from e
+        os.chmod(path, 0o600)
+        return path
+
+    # ------------------------------------------------------------------ channel
+    def _broadcast(self, msg: dict) -> None:
+        data = P.dumps(msg)
+        for w in self._workers:
+            w.outbox.put(data)
+
+    def _send_loop(self, w: _Worker) -> None:
+        """Sends never block the caller: a stopped worker must not stop the hang detector."""
+        while True:
+            data = w.outbox.get()
+            if data is None:
+                return
+            if w.conn is None:
+                continue              # never connected; it is killed at teardown
+            try:
+                w.conn.send_bytes(data)
+            except OSError as e:
+                w.send_error = e
+                return
+
+    def _poll(self, busy: list[_Worker] = ()) -> list[tuple[_Worker, dict]]:
+        """Messages that arrived within POLL_S; raises PoolError (after stopping every worker) when a
+        worker died, broke its connection, or is one of `busy` (they send heartbeats) and stayed silent
+        for hang_timeout."""
+        conns = {w.conn: w for w in self._workers if w.conn is not None}
+        if conns:
+            ready = wait_connections(list(conns), POLL_S)
+        else:
+            time.sleep(POLL_S)
+            ready = []
+        now, out = time.monotonic(), []
+        for conn in ready:
+            w = conns[conn]
+            try:
+                msg = P.recv(conn)
+            except (EOFError, OSError):
+                raise self._fault(w, "closed its control connection") from None
+            w.last_seen = now
+            if msg.get("type") == P.ERROR:
+                w.last_error = msg
+            if msg.get("type") != P.HEARTBEAT:
+                out.append((w, msg))
+        for w in self._workers:
+            if w.proc.poll() is not None:
+                raise self._fault(w, "exited")
+            if w.send_error is not None:
+                raise self._fault(w, f"could not be sent a message ({w.send_error})")
+            if w in busy and now - w.last_seen > self.hang_timeout:
+                raise self._fault(w, f"sent nothing, not even a heartbeat, for {now - w.last_seen:.1f} s",
+                                  hung=True)
+        return out
+
+    def _idle_and_healthy(self) -> bool:
+        """Between jobs: every worker runs and its connection is open (stale messages are dropped)."""
+        if not self.alive:
+            if self._workers:
+                self.log.warning("xDiT pool: a worker exited while idle (%s); starting a fresh pool",
+                                 "; ".join(f"{w.name()} {describe_exit(w.proc.returncode)}"
+                                           for w in self._workers if w.proc.returncode is not None))
+            return False
+        for w in self._workers:
+            try:
+                while w.conn.poll(0):
+                    P.recv(w.conn)
+            except (EOFError, OSError):
+                self.log.warning("xDiT pool: %s lost its connection while idle; starting a fresh pool",
+                                 w.name())
+                return False
+        return True
+
+    def _pump_output(self, w: _Worker) -> None:
+        """Copy a worker's stdout/stderr to its log file, the tail kept for errors, and the logger."""
+        with open(w.log_path, "ab") as f:
+            for raw in iter(w.proc.stdout.readline, b""):
+                f.write(raw)
+                f.flush()
+                line = raw.decode("utf-8", "replace").rstrip()
+                w.tail.append(line)
+                self.log.info("[xdit worker %d] %s", w.rank, line)
+        w.proc.stdout.close()
+
+    # ------------------------------------------------------------------ faults and shutdown
+    def _fault(self, w: _Worker, what: str, *, hung: bool = False) -> PoolError:
+        """Stop every worker and build the error: the rank that caused it, what it said, its output."""
+        starting = not all(o.ready for o in self._workers)
+        if not hung:
+            # A rank killed by a signal makes the collectives of its peers fail too: wait briefly for
+            # a rank that died without a word, and blame it rather than the peers that raised.
+            # (A worker that connected during start-up may still be in the accept queue with its last
+            # words: adopt and read it first.)
+            deadline = time.monotonic() + FAULT_GRACE_S
+            while True:
+                self._adopt_connections()
+                self._drain_errors()
+                dead = self._died_silently()
+                if (dead and all(o.conn is not None for o in dead)) or time.monotonic() > deadline:
+                    break
+                time.sleep(POLL_S)
+            if dead and w not in dead:
+                w = dead[0]
+        err = w.last_error if w.last_error and w.last_error.get("kind") != P.ERROR_JOB else None
+        if err:
+            what = "failed to start" if err.get("kind") == P.ERROR_STARTUP else "failed during the job"
+        elif not hung and w.proc.poll() is not None:
+            what = describe_exit(w.proc.returncode)
+        self._kill_all()
+        for o in self._workers:
+            for t in o.threads[:1]:
+                t.join(timeout=1.0)   # the output pump: let the last lines arrive
+        lines = [f"The xDiT worker pool failed{' during start-up' if starting else ''}: {w.name()} {what}"
+                 + (f": {err['message']}" if err else ".")]
+        for o in self._workers:
+            if o is not w and o.last_error and o.last_error.get("kind") != P.ERROR_JOB:
+                lines.append(f"Also {o.name()} raised {o.last_error['message'].splitlines()[0]}")
+        if err and err.get("traceback"):
+            lines.append(f"Traceback on rank {w.rank}:\n{err['traceback'].rstrip()}")
+        elif w.tail:
+            lines.append(f"Last output of rank {w.rank}:\n" + "\n".join("  " + line for line in w.tail))
+        if hung:
+            lines.append(f"If a step legitimately takes longer than {self.hang_timeout:g} s, raise hang_timeout.")
+        if starting:
+            lines.append("Check the output above (a missing package, a wrong device, a driver or NCCL "
+                         "problem). All workers were stopped; the next job tries to start the pool again.")
+        else:
+            lines.append("All workers were stopped; the next job starts a fresh pool.")
+        error = PoolError("\n".join(lines))
+        error.rank, error.device, error.pid = w.rank, w.device, w.pid
+        self.log.error("%s", lines[0])
+        self._teardown()
+        return error
+
+    def _died_silently(self) -> list[_Worker]:
+        return [o for o in self._workers if o.proc.poll() is not None and o.last_error is None]
+
+    def _drain_errors(self) -> None:
+        for w in self._workers:
+            try:
+                while w.conn is not None and w.conn.poll(0):
+                    msg = P.recv(w.conn)
+                    if msg.get("type") == P.ERROR:
+                        w.last_error = msg
+            except (EOFError, OSError):
+                pass
+
+    def close(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Ask every worker to exit, wait up to `grace` seconds, then kill whatever is left (their whole
+        process groups). Leaves no worker process and no temporary file. Idempotent."""
+        locked = self._lock.acquire(timeout=2.0)   # at exit a daemon thread may still be inside run()
+        try:
+            if locked and self._workers:
+                self._broadcast({"type": P.SHUTDOWN})
+                deadline = time.monotonic() + grace
+                while time.monotonic() < deadline and any(w.proc.poll() is None for w in self._workers):
+                    time.sleep(POLL_S)
+            self._teardown()
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _kill_all(self) -> None:
+        for w in self._workers:
+            if w.killed:
+                continue
+            w.killed = True
+            kill_group(w.proc)        # the worker and anything it started
+        for w in self._workers:
+            try:
+                w.proc.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                self.log.error("xDiT pool: %s did not exit after SIGKILL", w.name())
+
+    def _teardown(self) -> None:
+        """Kill every worker and free everything the pool holds; safe to call at any time."""
+        self._close_listener()
+        if self._workers:
+            self._kill_all()
+        for w in self._workers:
+            w.outbox.put(None)
+            for t in w.threads:           # never close a connection under its sender thread
+                t.join(timeout=1.0)
+            if w.conn is not None:
+                w.conn.close()
+        self._workers = []
+        self._loaded_identity = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# ---------------------------------------------------------------------- process-wide registry
+_clients: "weakref.WeakSet[PoolClient]" = weakref.WeakSet()
+_registry_lock = threading.Lock()
+_current: PoolClient | None = None
+
+
+def get_pool(config: ParallelConfig, **options) -> PoolClient:
+    """The pool for `config`: the current one when its config.key() matches (options are then
+    ignored); otherwise the current pool is closed first (GPUs are exclusive) and a new client is
+    made. The client starts its workers on its first run() (or start())."""
+    global _current
+    with _registry_lock:
+        if _current is not None and _current.config.key() == config.key():
+            return _current
+        if _current is not None:
+            _current.close()
+        _current = PoolClient(config, **options)
+        return _current
+
+
+def shutdown_all() -> None:
+    """Close every pool of this process (registered with atexit)."""
+    global _current
+    with _registry_lock:
+        _current = None
+    for client in list(_clients):
+        client.close()
+
+
+atexit.register(shutdown_all)

@@ -1,0 +1,282 @@
+"""One worker process of the pool: `python <pack>/worker/main.py --rank R --device D ...`.
+
+Started by worker.client.PoolClient as its own program (ComfyUI imports the pack by folder path, so a
+child could not re-import pack functions by name). Reads the control key from stdin, connects back to
+the client, joins the torch.distributed group, builds the runtime and serves jobs until told to stop or
+until its parent is gone.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+EXIT_PARENT_GONE = 3
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="xDiT HunyuanDiT pool worker (started by the pool client)")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--device", required=True, help="cuda:N or cpu")
+    p.add_argument("--family", required=True, choices=("AF_UNIX", "AF_INET"))
+    p.add_argument("--address", required=True, help="the client's control socket")
+    p.add_argument("--init-method", required=True, help="torch.distributed rendezvous (file:// URL)")
+    p.add_argument("--config", required=True, help="ParallelConfig as JSON")
+    p.add_argument("--runtime", default="comfyui_xdit_hunyuan.parallel.runtime:RankRuntime",
+                   help="module:Class of the per-rank runtime")
+    p.add_argument("--parent-pid", type=int, required=True)
+    p.add_argument("--pg-timeout", type=float, default=600.0, help="process group timeout, seconds")
+    return p.parse_args(argv)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this process when its parent dies (the client forks workers from a
+    thread that lives as long as its process, since the signal follows the forking thread). The
+    control-connection watchdog covers every OS. If the parent is already gone, leave now."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if _parent_gone(parent_pid):
+        print("the pool client exited before this worker started; exiting", file=sys.stderr)
+        sys.exit(EXIT_PARENT_GONE)
+
+
+def _parent_gone(parent_pid: int) -> bool:
+    """POSIX: an orphan is re-parented, so its parent pid changes. (Not on Windows, where a venv's
+    launcher process may sit between the client and this process.)"""
+    return os.name == "posix" and os.getppid() != parent_pid
+
+
+def _read_authkey(size: int) -> bytes:
+    """The control key arrives on stdin (never argv or the environment); stdin is then closed."""
+    key = sys.stdin.buffer.read(size)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    if len(key) != size:
+        print("the pool client did not send the control key on stdin; exiting", file=sys.stderr)
+        sys.exit(EXIT_PARENT_GONE)
+    return key
+
+
+class Worker:
+    """The connection to the client: a receiver thread (jobs, cancel, shutdown; exits the process when
+    the connection ends), a heartbeat thread, and the main thread running jobs one at a time."""
+
+    def __init__(self, conn, args: argparse.Namespace):
+        from worker import protocol
+        self.p = protocol
+        self.conn, self.args, self.rank = conn, args, args.rank
+        self._send_lock = threading.Lock()
+        self.jobs: queue.Queue = queue.Queue()
+        self.cancel = threading.Event()
+        self.busy = threading.Event()
+        self.busy.set()                      # starting up counts as busy
+        self._job_id = None
+        self.runtime = None
+
+    # ------------------------------------------------------------------ channel
+    def send(self, msg: dict) -> None:
+        msg.setdefault("rank", self.rank)
+        with self._send_lock:
+            self.p.send(self.conn, msg)
+
+    def _receive(self) -> None:
+        p = self.p
+        while True:
+            try:
+                msg = p.recv(self.conn)
+            except (EOFError, OSError):
+                print("control connection closed: the pool client is gone; exiting", file=sys.stderr, flush=True)
+                os._exit(EXIT_PARENT_GONE)
+            kind = msg.get("type")
+            if kind == p.JOB:
+                self._job_id = msg["id"]
+                self.cancel.clear()
+                self.busy.set()
+                self.jobs.put(msg)
+            elif kind == p.CANCEL and msg.get("id") == self._job_id:
+                self.cancel.set()
+            elif kind == p.SHUTDOWN:
+                self.jobs.put(msg)
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(self.p.HEARTBEAT_S)
+            if _parent_gone(self.args.parent_pid):
+                print("the pool client is gone; exiting", file=sys.stderr, flush=True)
+                os._exit(EXIT_PARENT_GONE)
+            if self.busy.is_set():
+                try:
+                    self.send({"type": self.p.HEARTBEAT})
+                except OSError:
+                    return
+
+    # ------------------------------------------------------------------ life
+    def serve(self) -> None:
+        threading.Thread(target=self._receive, name="control-receiver", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        t0 = time.perf_counter()
+        try:
+            self.runtime = self._start_runtime()
+        except BaseException as e:  # noqa: BLE001 - every start-up failure goes back to the client
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr, flush=True)
+            self.send({"type": self.p.ERROR, "kind": self.p.ERROR_STARTUP, "cls": type(e).__name__,
+                       "message": f"{type(e).__name__}: {e}", "traceback": tb})
+            os._exit(1)
+        seconds = time.perf_counter() - t0
+        print(f"rank {self.rank} ready on {self.args.device} in {seconds:.1f} s", flush=True)
+        self.busy.clear()        # before READY: a job may follow it at once and set it again
+        self.send({"type": self.p.READY, "pid": os.getpid(), "seconds": seconds})
+        while True:
+            msg = self.jobs.get()
+            if msg["type"] == self.p.SHUTDOWN:
+                break
+            self._run(msg)
+        self._stop()
+
+    def _start_runtime(self):
+        import importlib
+        import json
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        from comfyui_xdit_hunyuan.plan import ParallelConfig
+
+        args = self.args
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=args.init_method,
+                                rank=args.rank, world_size=args.world_size,
+                                timeout=timedelta(seconds=args.pg_timeout))
+        probe = torch.ones(1, device=device)
+        dist.all_reduce(probe)               # every rank can reach every other one (NCCL inits here)
+        if probe.item() != args.world_size:
+            raise RuntimeError(f"the start-up all_reduce gave {probe.item()}, expected {args.world_size}")
+        module, _, name = args.runtime.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        config = ParallelConfig(**json.loads(args.config))
+        return cls(config, args.rank, args.world_size, args.device)
+
+    def _run(self, msg: dict) -> None:
+        from comfyui_xdit_hunyuan.job import JobCancelled, JobError
+        from comfyui_xdit_hunyuan.plan import PlanError
+
+        p, job_id = self.p, msg["id"]
+        if self.args.device.startswith("cuda"):
+            import torch
+            torch.cuda.reset_peak_memory_stats(self.args.device)     # the stats report this job's peak
+        t0 = time.perf_counter()
+        step_seconds: list[float] = []
+        last = [t0]
+
+        def report(info: dict) -> None:
+            info = {k: _to_cpu(v) for k, v in info.items()}
+            info.setdefault("type", p.PROGRESS)
+            if info["type"] == p.PROGRESS:
+                now = time.perf_counter()
+                step_seconds.append(now - last[0])
+                last[0] = now
+            info["id"] = job_id
+            self.send(info)
+
+        out: dict = {"id": job_id}
+        try:
+            result = self.runtime.run(msg["job"], msg["plan"], report=report, cancel_requested=self.cancel.is_set)
+            out.update(type=p.DONE, result=_to_cpu(result) if self.rank == 0 else None)
+        except JobCancelled as e:
+            out.update(type=p.CANCELLED, message=str(e) or "cancelled")
+        except (JobError, PlanError) as e:
+            out.update(type=p.ERROR, kind=p.ERROR_JOB, cls=type(e).__name__, message=str(e))
+        except BaseException as e:  # noqa: BLE001 - reported; the client restarts the pool
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr, flush=True)
+            out.update(type=p.ERROR, kind=p.ERROR_FATAL, cls=type(e).__name__,
+                       message=f"{type(e).__name__}: {e}", traceback=tb)
+        out["stats"] = self._stats(time.perf_counter() - t0, step_seconds)
+        self.busy.clear()        # before the answer: the next job's message (which sets it) comes after
+        self.send(out)
+
+    def _stats(self, seconds: float, step_seconds: list[float]) -> dict:
+        rt = self.runtime
+        stats = {"pid": os.getpid(), "device": self.args.device, "loads": getattr(rt, "loads", None),
+                 "job_seconds": seconds, "step_seconds": step_seconds, "rss_bytes": _rss_bytes()}
+        if hasattr(rt, "loaded_identity"):
+            stats["identity"] = rt.loaded_identity
+        try:
+            import torch
+            if self.args.device.startswith("cuda"):
+                dev = torch.device(self.args.device)
+                stats.update(gpu_allocated_bytes=torch.cuda.memory_allocated(dev),
+                             gpu_reserved_bytes=torch.cuda.memory_reserved(dev),
+                             gpu_peak_allocated_bytes=torch.cuda.max_memory_allocated(dev))
+            extra = getattr(rt, "stats", None)
+            extra = extra() if callable(extra) else extra
+            if isinstance(extra, dict):
+                stats["runtime"] = extra
+        except Exception as e:  # noqa: BLE001 - statistics must never fail a job
+            stats["stats_error"] = str(e)
+        return stats
+
+    def _stop(self) -> None:
+        try:
+            close = getattr(self.runtime, "close", None)
+            if callable(close):
+                close()
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
+def _to_cpu(value):
+    import torch
+    return value.detach().to("cpu") if isinstance(value, torch.Tensor) else value
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory of this process (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    _exit_with_parent(args.parent_pid)
+    # The pack root replaces this script's folder on sys.path: `worker` and `comfyui_xdit_hunyuan`
+    # import as packages, exactly as in the client.
+    sys.path[:] = [str(PACK_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+    from multiprocessing.connection import Client
+
+    from worker import protocol
+
+    authkey = _read_authkey(protocol.AUTHKEY_BYTES)
+    conn = Client(protocol.parse_address(args.family, args.address), args.family, authkey=authkey)
+    protocol.send(conn, {"type": protocol.HELLO, "rank": args.rank, "pid": os.getpid()})
+    Worker(conn, args).serve()
+
+
+if __name__ == "__main__":
+    main()

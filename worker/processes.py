@@ -1,0 +1,101 @@
+"""The operating-system side of the pool: starting worker processes so that they die with their
+parent, killing them as a group, describing how they ended, and removing what a killed client left."""
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+DIR_PREFIX = "xdit-pool-"
+
+
+class _Spawner:
+    """Starts worker processes from one thread that lives as long as this process. On Linux a
+    worker's PR_SET_PDEATHSIG fires when the *thread* that forked it exits, so forking from the
+    caller's thread (a short-lived one, say) would kill the workers with it."""
+
+    def __init__(self):
+        self._requests: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="xdit-pool-spawner", daemon=True)
+                self._thread.start()
+        done: Future = Future()
+        self._requests.put((done, args, kwargs))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            done, args, kwargs = self._requests.get()
+            try:
+                done.set_result(subprocess.Popen(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                done.set_exception(e)
+
+
+_spawner = _Spawner()
+
+
+def spawn(*args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen(*args, **kwargs), run on the spawner thread."""
+    return _spawner.popen(*args, **kwargs)
+
+
+def own_process_group() -> dict:
+    """Each worker leads its own process group (killed as a whole) and does not get the terminal's
+    Ctrl+C; the parent decides when workers stop."""
+    if os.name == "posix":
+        return {"start_new_session": True}
+    return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's whole process group (POSIX; each worker leads its own), then the worker."""
+    if os.name == "posix":
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.kill()
+    except OSError:
+        pass
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is running"
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def sweep_stale_dirs(root: str | None = None) -> list[str]:
+    """Remove the folders of pools whose client process is gone: a client killed outright (SIGKILL)
+    cannot delete its own. POSIX only (on Windows os.kill would terminate the process it asks about)."""
+    removed = []
+    if os.name != "posix":
+        return removed
+    for folder in Path(root or tempfile.gettempdir()).glob(DIR_PREFIX + "*"):
+        try:
+            owner = int((folder / "owner").read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+        except (OSError, ValueError):
+            pass                      # not ours, still starting, or its owner is alive
+    return removed
