@@ -1,0 +1,137 @@
+"""GPU checks that print figures (run on a CUDA machine from the repo root):
+
+    python bench/gpu_checks.py [--skip-compile]
+
+1. attention kernels for HunyuanDiT's shapes (head dim 88): time and error of every backend, with and
+   without log-sum-exp (ring attention needs it);
+2. bf16 model vs float32 model on the same random full-size weights (one forward);
+3. host synchronisations inside the sampling loop (torch.cuda sync debug mode) -- must be none;
+4. one CFG step of the full model at 1024^2, eager and compiled (regional), ms.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from comfyui_xdit_hunyuan import sampling  # noqa: E402
+from comfyui_xdit_hunyuan.job import Job, WeightsRef  # noqa: E402
+from comfyui_xdit_hunyuan.model.attention import attention, attention_lse  # noqa: E402
+from comfyui_xdit_hunyuan.parallel.mesh import build_mesh  # noqa: E402
+from comfyui_xdit_hunyuan.parallel.runner import Runner  # noqa: E402
+from comfyui_xdit_hunyuan.plan import ParallelConfig  # noqa: E402
+from comfyui_xdit_hunyuan.tiny import preset, random_cond, random_model  # noqa: E402
+
+
+def cuda_ms(fn, iters=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def check_attention():
+    print("== attention, bf16, B=2, 16 heads x 88 ==")
+    for L in (4096, 16384):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(2 if L == 4096 else 1, 16, L, 88, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(3))
+        ref, ref_lse = attention_lse(q, k, v, "math") if L == 4096 else (None, None)
+        for backend in ("sdpa", "flash", "cudnn", "efficient"):
+            try:
+                ms = cuda_ms(lambda: attention(q, k, v, backend))
+                ms_lse = cuda_ms(lambda: attention_lse(q, k, v, backend))
+                err = ""
+                if ref is not None:
+                    out, lse = attention_lse(q, k, v, backend)
+                    o2 = attention(q, k, v, backend)
+                    err = (f"  rel err {((out.float() - ref.float()).norm() / ref.float().norm()).item():.1e}"
+                           f" (no-lse {((o2.float() - ref.float()).norm() / ref.float().norm()).item():.1e})"
+                           f"  lse err {(lse - ref_lse).abs().max().item():.1e}")
+                print(f"  L={L:5d} {backend:<9} {ms:7.3f} ms   with LSE {ms_lse:7.3f} ms{err}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"  L={L:5d} {backend:<9} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
+def check_precision():
+    print("== bf16 vs float32, full-size random v1.2 weights, 512^2, one forward ==")
+    cfg = preset("full")
+    m32 = random_model(cfg, seed=0, device="cuda")
+    cond = random_cond(cfg, 1)
+    x = torch.randn(1, 4, 64, 64, device="cuda")
+    t = torch.tensor([500.0], device="cuda")
+    with torch.no_grad():
+        ref = m32(x, t, **cond.model_kwargs())
+        m16 = m32.to(torch.bfloat16)
+        out = m16(x, t, **cond.model_kwargs())
+    print(f"  relative L2 error bf16 vs fp32: {((out - ref).norm() / ref.norm()).item():.2e}")
+    del m32, m16
+    torch.cuda.empty_cache()
+
+
+def one_rank_job(pixels: int, steps: int) -> Job:
+    cfg = preset("full")
+    ms = sampling.DiscreteVSampling.for_model(cfg)
+    lat = torch.zeros(1, 4, pixels // 8, pixels // 8)
+    hw = (pixels, pixels)
+    return Job(weights=WeightsRef("r", "random:0:full"), positive=[random_cond(cfg, 1, hw=hw)],
+               negative=[random_cond(cfg, 2, hw=hw)], latent=lat, noise=sampling.prepare_noise(lat, 0),
+               sigmas=sampling.calculate_sigmas(ms, "normal", steps), sampler="euler", cfg=5.0)
+
+
+def check_syncs_and_speed(skip_compile: bool):
+    print("== serial runner at 1024^2: host syncs, step time ==")
+    model = random_model("full", seed=0, dtype=torch.bfloat16, device="cuda")
+    model.cross_backend = "cudnn"
+    plan = ParallelConfig()
+    runner = Runner(model, build_mesh({}, 0), plan, backend="auto")
+    runner.run(one_rank_job(1024, 2))                    # warm-up (kernels, cuDNN plans)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        runner.run(one_rank_job(1024, 4))
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    print(f"  host synchronisations in a 4-step job: {len(syncs)} (the final latent's copy to the host is one)")
+    for s in syncs[:8]:
+        print("   ", s)
+    for compiled in ([False] if skip_compile else [False, True]):
+        if compiled:
+            t0 = time.perf_counter()
+            model.compile_blocks()
+            runner.run(one_rank_job(1024, 2))
+            print(f"  compile + first 2-step job: {time.perf_counter() - t0:.1f} s")
+        job = one_rank_job(1024, 20)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        runner.run(job)
+        dt = time.perf_counter() - t0
+        print(f"  {'compiled' if compiled else 'eager   '}: {1000 * dt / 20:.1f} ms per CFG step "
+              f"(20 steps {dt:.2f} s -> 50 steps {2.5 * dt:.2f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--only", default="attention,precision,runner")
+    a = ap.parse_args()
+    print(torch.__version__, torch.cuda.get_device_name(0))
+    if "attention" in a.only:
+        check_attention()
+    if "precision" in a.only:
+        check_precision()
+    if "runner" in a.only:
+        check_syncs_and_speed(a.skip_compile)
