@@ -94,11 +94,17 @@ class PoolClient:
         self._accept_thread: threading.Thread | None = None
         self._accepted: queue.Queue = queue.Queue()
         self._loaded_identity: str | None = None
+        self._model_configs: dict = {}       # weights identity -> HunyuanDiTConfig (for job checks)
         self._job_id = 0
         self._lock = threading.RLock()
         _clients.add(self)
 
     # ------------------------------------------------------------------ state
+    @property
+    def jobs_sent(self) -> int:
+        """Jobs that reached the workers (rejected jobs never do)."""
+        return self._job_id
+
     @property
     def alive(self) -> bool:
         return bool(self._workers) and all(w.ready and w.proc.poll() is None for w in self._workers)
@@ -266,7 +272,7 @@ class PoolClient:
 
     # ------------------------------------------------------------------ run
     def run(self, job: Job, plan: ParallelConfig, *, on_progress: ProgressFn | None = None,
-            cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+            cancel: Callable[[], bool] | None = None, model_config=None) -> torch.Tensor:
         """Run one job on every rank; returns rank 0's final latent (CPU float32).
 
         on_progress(step, total, preview) is called after each step (preview: a small x0 tensor or
@@ -274,7 +280,13 @@ class PoolClient:
         cancel() is polled every POLL_S seconds; when it returns True every rank stops at the same
         step and JobCancelled is raised. JobError: the job was rejected, the pool stays warm.
         PoolError: the pool failed and was stopped; the next run() starts a fresh one.
+
+        Jobs for the engine's runtime are checked first (checks.validate_job, against `model_config` or
+        the shape read from the weights source), so a bad job never reaches a worker.
         """
+        if self.runtime == P.DEFAULT_RUNTIME:
+            for warning in self._validate(job, plan, model_config):
+                self.log.warning(warning)
         with self._lock:
             if not self._idle_and_healthy():
                 self._teardown()
@@ -370,6 +382,24 @@ class PoolClient:
             raise self._fault(self._workers[0], "finished the job without returning a latent (a bug in the "
                                                 "runtime: rank 0 must return the final latent)")
         return result.to(device="cpu", dtype=torch.float32)
+
+    def _validate(self, job: Job, plan: ParallelConfig, model_config) -> list[str]:
+        from comfyui_xdit_hunyuan import checks
+
+        ref = job.weights
+        if not isinstance(ref, WeightsRef):
+            raise JobError(f"job.weights must be a WeightsRef(identity, source), got {type(ref).__name__}")
+        cfg = model_config or self._model_configs.get(ref.identity)
+        if cfg is None:
+            if ref.source is None:
+                raise JobError(f"the weights '{ref.identity}' are not loaded in the pool and the job gives no "
+                               f"source; pass a file path, a state dict or 'random:<seed>:<preset>'")
+            try:
+                cfg = checks.model_config(ref.source)
+            except ValueError as e:          # not HunyuanDiT, truncated, missing file, ...
+                raise JobError(str(e)) from e
+        self._model_configs[ref.identity] = cfg
+        return checks.validate_job(job, plan, cfg)
 
     def _wire_job(self, job: Job) -> tuple[Job, Path | None]:
         """The job as sent: weights already loaded travel as identity only; an in-memory state dict is
