@@ -38,17 +38,32 @@ def check_backend(name: str) -> str:
     return name
 
 
+_CUDNN_WORKS: dict = {}
+
+
+def _cudnn_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's cuDNN attention runs here (it needs a recent cuDNN and a supported GPU)."""
+    key = (device.index, dtype)
+    if key not in _CUDNN_WORKS:
+        try:
+            q = torch.zeros(1, 1, 64, 96, device=device, dtype=dtype)
+            torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True, 0.0, False, False, scale=0.1)
+            _CUDNN_WORKS[key] = True
+        except Exception:  # noqa: BLE001 - any failure: use another kernel
+            _CUDNN_WORKS[key] = False
+    return _CUDNN_WORKS[key]
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn 'auto' into a concrete backend for this device and dtype."""
+    """Turn 'auto' into a concrete backend for this device and dtype: flash-attn when installed, else
+    cuDNN (measured fastest for head dim 88 on H100), else torch's SDPA dispatcher."""
     if name != "auto":
         return name
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
-    if dtype in (torch.float16, torch.bfloat16):
-        if _flash_attn_func is not None:
-            return "flash_attn"
-        return "cudnn"
-    return "sdpa"
+    if _flash_attn_func is not None:
+        return "flash_attn"
+    return "cudnn" if _cudnn_works(device, dtype) else "sdpa"
 
 
 def _pad_head_dim(t: torch.Tensor, to: int) -> torch.Tensor:
