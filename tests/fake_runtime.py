@@ -3,7 +3,8 @@ tests.fake_runtime:FakeRuntime`): a few "steps", each with collectives, so ranks
 
 job.sampler_options steer it: sleep (seconds per step), job_error (JobError on every rank before any
 collective; with job_error_rank only on that rank, a runtime bug), fail_step + fail_rank (RuntimeError
-on one rank at that step). Environment at start-up:
+on one rank at that step), stall_step + stall_rank (that rank blocks at that step while its heartbeat
+thread goes on, as a rank stuck in a collective does). Environment at start-up:
 FAKE_RUNTIME_INIT_SLEEP (seconds), FAKE_RUNTIME_INIT_ERROR (message of a RuntimeError).
 """
 from __future__ import annotations
@@ -83,6 +84,8 @@ class FakeRuntime:
         total = job.steps
         for i in range(total):
             time.sleep(float(opts.get("sleep", 0.0)))
+            if opts.get("stall_step") == i and opts.get("stall_rank", self.rank) == self.rank:
+                time.sleep(3600)
             if opts.get("fail_step") == i and opts.get("fail_rank", self.rank) == self.rank:
                 raise RuntimeError(f"fake engine failure on rank {self.rank} at step {i}")
             if self._all_reduce(float(cancel_requested()), dist.ReduceOp.MAX) > 0:

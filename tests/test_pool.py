@@ -202,6 +202,17 @@ def test_job_error_keeps_the_pool(pool):
 
 
 # ---------------------------------------------------------------------- faults
+def test_ranks_stuck_in_a_collective_are_detected(pool):
+    """Heartbeats go on (side thread) while a rank is stuck; the progress watchdog still stops the job."""
+    pool.start()
+    pids = pool.pids
+    t0 = time.monotonic()
+    with pytest.raises(PoolError, match="made no progress"):
+        pool.run(make_job("model-a", steps=6, stall_step=2, stall_rank=1), CFG2)
+    assert time.monotonic() - t0 < HANG_S + 5.0
+    check_fresh_pool_works(pool, pids)
+
+
 def test_a_job_error_on_one_rank_only_is_a_pool_error(pool):
     """A runtime bug: one rank rejects the job while the others wait in a collective."""
     pool.start()

@@ -309,6 +309,10 @@ class PoolClient:
         interrupt: BaseException | None = None
         cancelling, settle_deadline = False, None
         t0 = time.perf_counter()
+        # Stall watchdog: heartbeats come from a side thread, so a rank stuck in a collective still looks
+        # alive. A job must report its first step within startup_timeout (weights, compilation) and then
+        # each step within max(hang_timeout, 20 x the slowest step so far) (startup_timeout when compiling).
+        last_step, slowest, steps_seen = time.monotonic(), 0.0, 0
         data = P.dumps({"type": P.JOB, "id": job_id, "job": job, "plan": plan})
         for w in self._workers:
             w.last_seen = time.monotonic()
@@ -320,6 +324,11 @@ class PoolClient:
                     if msg.get("id") != job_id:
                         continue
                     kind = msg["type"]
+                    if kind == P.PROGRESS:
+                        now = time.monotonic()
+                        if steps_seen:
+                            slowest = max(slowest, now - last_step)
+                        last_step, steps_seen = now, steps_seen + 1
                     if kind == P.PROGRESS and on_progress is not None and interrupt is None:
                         try:
                             on_progress(msg["step"], msg["total"], msg.get("preview"))
@@ -342,6 +351,14 @@ class PoolClient:
                         interrupt, cancelling = e, True
                     if cancelling:
                         self._broadcast({"type": P.CANCEL, "id": job_id})
+                limit = (max(self.hang_timeout, 20 * slowest) if steps_seen and not self.config.compile
+                         else self.startup_timeout)          # compiling a new shape may take minutes
+                if not cancelling and time.monotonic() - last_step > limit:
+                    raise self._fault(self._workers[0], f"made no progress for {limit:.0f} s "
+                                      f"({'after step ' + str(steps_seen) if steps_seen else 'before the first step'}"
+                                      f"): the ranks are alive but stuck, most likely in a collective; check "
+                                      f"NCCL (NCCL_DEBUG=INFO, NCCL_P2P_DISABLE=1) or use other degrees",
+                                      hung=True)
                 if settle_deadline is not None and time.monotonic() > settle_deadline:
                     late = next(w for w in self._workers if w.rank not in outcome)
                     first = next(m for m in outcome.values() if m["type"] == P.ERROR)

@@ -197,17 +197,19 @@ class Runner:
                                               options=job.sampler_options)
                         for a, b in patch_rows]
             x0 = torch.zeros_like(x) if self.reporter else None
-            if P > 1:
-                for m in range(M):
-                    inputs[m] = samplers[m].next_input()[0]
-                    self._send(0, inputs[m], 0, "latent")
         x_cur = x.clone() if self.first else None      # stage 0: the latest model input of every patch
 
         for e, (sigma, step_i) in enumerate(evals):
             if self._agree_cancel():
-                self._drain(x_cur, patch_rows)
+                self._drain(x_cur, patch_rows, inputs_sent=e > 0)
                 raise JobCancelled(f"cancelled before step {step_i + 1} of {steps}")
             self.pending.settle(before=e - 1)
+            if e == 0 and P > 1 and self.last:
+                # the first inputs of every patch; sent after the first agreement, so that stage 0 is not
+                # inside that agreement while NCCL sets up this pair's communicator (both must join)
+                for m in range(M):
+                    inputs[m] = samplers[m].next_input()[0]
+                    self._send(0, inputs[m], 0, "latent")
             conds = [model.conditions(g.text, timesteps[e:e + 1]) for g in groups]
             views = [list(range(M))] if step_i < warm else [[m] for m in range(M)]
             for view in views:
@@ -322,10 +324,10 @@ class Runner:
             preview = x0[:1].to(torch.float16).cpu()
         self.report({"type": "progress", "step": step, "total": steps, "preview": preview})
 
-    def _drain(self, x_cur, patch_rows):
+    def _drain(self, x_cur, patch_rows, inputs_sent: bool):
         """On cancel: receive the patch inputs already sent for the next evaluation, finish all sends,
         so the next job starts with empty channels."""
-        if self.P > 1 and self.first:
+        if self.P > 1 and self.first and inputs_sent:
             for a, b in patch_rows:
                 self._recv(x_cur[:, :, a:b].shape, torch.float32, self.P - 1, "latent")
         self.pending.settle()

@@ -56,26 +56,24 @@ def ulysses_to_tokens(y: torch.Tensor, mesh: Mesh, layout: TokenLayout, patches:
 
 
 def ring_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: list[int], mesh: Mesh, backend: str) -> torch.Tensor:
-    """q [B, h, Lq, d] against the union of every ring rank's kv [2, B, h, L_r, d]; kv_lens[r'] is ring
-    rank r''s K/V length. The next block's transfer overlaps the current block's attention."""
+    """q [B, h, Lq, d] against the union of every ring rank's kv [2, B, h, L_r, d] (kv_lens[r'] is ring rank
+    r''s length). The other ranks' blocks are gathered asynchronously while the local block is attended;
+    partial results are merged by log-sum-exp in float32, in ring order, so every rank does the same math.
+
+    (A single all-gather instead of R-1 point-to-point rotations: the same bytes, overlapped with the
+    local block, and no pairwise NCCL communicators to set up lazily, which can deadlock at first use.)
+    """
     R, r = mesh.degree("ring"), mesh.index("ring")
-    group = mesh.groups["ring"]
-    nxt, prv = mesh.rank_at(ring=(r + 1) % R), mesh.rank_at(ring=(r - 1) % R)
-    out = lse = None
-    cur = kv
-    for step in range(R):
-        pending = None
-        if step < R - 1:
-            src = (r - step - 1) % R                         # origin of the block arriving now
-            incoming = kv.new_empty((2, *kv.shape[1:3], kv_lens[src], kv.shape[-1]))
-            pending = dist.batch_isend_irecv([dist.P2POp(dist.isend, cur, nxt, group),
-                                              dist.P2POp(dist.irecv, incoming, prv, group)])
-        blk_out, blk_lse = attention_lse(q, cur[0], cur[1], backend)
-        out, lse = merge_partial(out, lse, blk_out, blk_lse)
-        if pending is not None:
-            for w in pending:
-                w.wait()
-            cur = incoming
+    n = max(kv_lens)
+    mine = torch.nn.functional.pad(kv, (0, 0, 0, n - kv.shape[3])) if kv.shape[3] < n else kv
+    blocks = [torch.empty_like(mine) for _ in range(R)]
+    work = dist.all_gather(blocks, mine.contiguous(), group=mesh.groups["ring"], async_op=True)
+    out, lse = merge_partial(None, None, *attention_lse(q, kv[0], kv[1], backend))
+    work.wait()
+    for step in range(1, R):
+        src = (r - step) % R
+        blk = blocks[src][:, :, :, :kv_lens[src]]
+        out, lse = merge_partial(out, lse, *attention_lse(q, blk[0], blk[1], backend))
     return out.to(q.dtype)
 
 
