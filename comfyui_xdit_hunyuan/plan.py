@@ -127,9 +127,12 @@ def parse_devices(spec: str, cuda_count: int | None = None) -> list[str]:
                             f"'cuda:0,cuda:1' or 'cpu:2'")
         i = int(idx)
         if i >= cuda_count:
+            if cuda_count:
+                fix = f"use 'all' or indices below {cuda_count}"
+            else:
+                fix = "use 'cpu:N' for N CPU worker processes"
             have = f"GPUs 0..{cuda_count - 1}" if cuda_count else "no GPU"
-            raise PlanError(f"devices '{spec}': cuda:{i} does not exist, this machine has {have}; "
-                            f"use 'all' or indices below {cuda_count}" + ("" if cuda_count else ", or 'cpu:N'"))
+            raise PlanError(f"devices '{spec}': cuda:{i} does not exist, this machine has {have}; {fix}")
         if f"cuda:{i}" in out:
             raise PlanError(f"devices '{spec}' names cuda:{i} twice; name each GPU once")
         out.append(f"cuda:{i}")

@@ -1,0 +1,7 @@
+"""`python -m comfyui_xdit_hunyuan demo|generate ...`: see comfyui_xdit_hunyuan/cli.py."""
+import sys
+
+from comfyui_xdit_hunyuan.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
