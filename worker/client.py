@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +44,7 @@ SETTLE_S = 10.0          # after one rank rejects a job (JobError), how long (at
                          # others get to do the same before the pool counts as stuck
 FAULT_GRACE_S = 0.5      # after a fault, how long to look for a dead rank that caused it
 SHUTDOWN_GRACE_S = 5.0   # close(): how long workers get to exit on their own before SIGKILL
-TAIL_LINES = 30
+TAIL_LINES = 80
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 
@@ -354,6 +355,7 @@ class PoolClient:
                 limit = (max(self.hang_timeout, 20 * slowest) if steps_seen and not self.config.compile
                          else self.startup_timeout)          # compiling a new shape may take minutes
                 if not cancelling and time.monotonic() - last_step > limit:
+                    self._dump_stacks()
                     raise self._fault(self._workers[0], f"made no progress for {limit:.0f} s "
                                       f"({'after step ' + str(steps_seen) if steps_seen else 'before the first step'}"
                                       f"): the ranks are alive but stuck, most likely in a collective; check "
@@ -583,6 +585,9 @@ class PoolClient:
         elif w.tail:
             lines.append(f"Last output of rank {w.rank}:\n" + "\n".join("  " + line for line in w.tail))
         if hung:
+            for o in self._workers:
+                if o is not w and o.tail:
+                    lines.append(f"Last output of rank {o.rank}:\n" + "\n".join("  " + line for line in o.tail))
             lines.append(f"If a step legitimately takes longer than {self.hang_timeout:g} s, raise hang_timeout.")
         if starting:
             lines.append("Check the output above (a missing package, a wrong device, a driver or NCCL "
@@ -594,6 +599,18 @@ class PoolClient:
         self.log.error("%s", lines[0])
         self._teardown()
         return error
+
+    def _dump_stacks(self) -> None:
+        """Ask every worker for the Python stacks of all its threads (they go to its output, which the
+        error includes): where each rank is stuck."""
+        if not hasattr(signal, "SIGUSR1"):
+            return
+        for w in self._workers:
+            try:
+                os.kill(w.pid, signal.SIGUSR1)
+            except OSError:
+                pass
+        time.sleep(1.0)
 
     def _died_silently(self) -> list[_Worker]:
         return [o for o in self._workers if o.proc.poll() is not None and o.last_error is None]

@@ -265,6 +265,9 @@ def _rss_bytes() -> int | None:
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     _exit_with_parent(args.parent_pid)
+    if hasattr(signal, "SIGUSR1"):
+        import faulthandler
+        faulthandler.register(signal.SIGUSR1, all_threads=True)   # the client asks for stacks of a stall
     # The pack root replaces this script's folder on sys.path: `worker` and `comfyui_xdit_hunyuan`
     # import as packages, exactly as in the client.
     sys.path[:] = [str(PACK_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
