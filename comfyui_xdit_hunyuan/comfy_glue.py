@@ -81,9 +81,10 @@ CONFIG_INPUTS: tuple[InputSpec, ...] = (
         "faster, but every device holds its own copy of the weights (about 3 GB in bf16) and stays reserved "
         "while the pool is warm, so ComfyUI itself has less GPU memory.")),
     InputSpec("strategy", "COMBO", options=STRATEGIES, default="auto", tooltip=(
-        "auto: choose the degrees per image from the device count, image size and cfg (measured table, "
-        "exact modes only); the degrees below are ignored. manual: use the degrees below as given; their "
-        "product must equal the number of devices.")),
+        "auto: choose the degrees per image from the device count, image size and cfg (the benchmark's "
+        "measured table, else xDiT's published best layouts; exact modes up to 4 devices, PipeFusion from "
+        "8); the degrees below are ignored. manual: use the degrees below as given; their product must "
+        "equal the number of devices.")),
     InputSpec("cfg_degree", "INT", default=1, min=1, max=2, tooltip=(
         "2: the positive and the negative prompt run on two halves of the devices at once (exact, close to "
         "2x, one exchange of the prediction per step; wasted when cfg is 1). 1: both run as one batch on "
