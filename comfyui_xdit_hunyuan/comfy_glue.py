@@ -637,6 +637,8 @@ class PatchedStateDict(Mapping):
         return key in self._key_set
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._key_set:
+            raise KeyError(name)
         full = PREFIX + name
         import comfy.model_patcher as mp  # noqa: PLC0415 - ComfyUI only
         if self._entries is not None and full in self._entries:
@@ -874,7 +876,7 @@ def run_sampler(model, seed, steps, cfg, sampler_name, scheduler, positive, nega
     log.info("xDiT: %s, %d steps %s on %s, latent %s", p.engine_sampler, job.steps, p.plan.describe(),
              p.plan.devices, tuple(p.samples.shape))
     try:
-        samples = pool.run(job, p.plan, on_progress=progress, cancel=backend.interrupted)
+        samples = pool.run(job, p.plan, on_progress=progress, cancel=backend.interrupted, model_config=p.model_cfg)
     except JobCancelled:
         backend.raise_interrupted()
         raise

@@ -608,7 +608,8 @@ class FakePool:
                                       "gpu_reserved_bytes": 4 << 30, "gpu_peak_allocated_bytes": 5 << 30},
                                      {"device": "cpu", "rss_bytes": 1 << 30}]}
 
-    def run(self, job, plan, *, on_progress=None, cancel=None):
+    def run(self, job, plan, *, on_progress=None, cancel=None, model_config=None):
+        assert model_config is not None, "the node passes the model's shape (no re-reading of its weights)"
         self.jobs.append((job, plan))
         on_progress(1, job.steps, None)
         if self.error is not None:
