@@ -71,7 +71,7 @@ def batched_kwargs(entries: list[CondEntry], batch: int) -> dict:
     return out
 
 
-def side_weight(entries: list[CondEntry]) -> float:
+def side_weight(entries: list[CondEntry]) -> torch.Tensor:
     """ComfyUI's out_count of one side: 1e-37 plus the strengths of its entries (float32 arithmetic)."""
     w = torch.tensor(1e-37, dtype=torch.float32)
     for e in entries:
