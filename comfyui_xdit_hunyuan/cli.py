@@ -387,16 +387,9 @@ def print_settings(title: str, s: Settings, hw: tuple[int, int], patch: int, mod
 
 # ====================================================================== the pool
 def pool_module():
-    """worker.client, importable from the pack root (the folder holding comfyui_xdit_hunyuan/ and worker/)."""
-    try:
-        from worker import client
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "worker" / "client.py").is_file():
-            raise
-        sys.path.insert(0, str(root))
-        from worker import client
-    return client
+    """worker.client of this pack (found even when another package named `worker` is importable)."""
+    from .pool import client_module
+    return client_module()
 
 
 @dataclass

@@ -726,8 +726,8 @@ class ComfyBackend:
         raise mm.InterruptProcessingException()
 
     def get_pool(self, config: ParallelConfig):
-        from worker.client import get_pool  # noqa: PLC0415 - the pack root is on sys.path
-        return get_pool(config)
+        from .pool import client_module  # noqa: PLC0415 - another pack's `worker` must not shadow ours
+        return client_module().get_pool(config)
 
 
 class ComfyProgress:

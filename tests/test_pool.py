@@ -389,3 +389,16 @@ def test_get_pool_reuses_per_key_and_restarts_on_a_new_one():
     finally:
         shutdown_all()
     assert wait_gone(pids, 1.0) == [] and not b.alive
+
+
+def test_another_package_named_worker_does_not_shadow_the_pool(monkeypatch, tmp_path):
+    """ComfyUI loads many packs into one process; one of them may bring a top-level `worker` module."""
+    import types
+
+    from comfyui_xdit_hunyuan.pool import WORKER_DIR, client_module
+    foreign = types.ModuleType("worker")
+    foreign.__file__ = str(tmp_path / "worker" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "worker", foreign)
+    client = client_module()
+    assert Path(client.__file__).resolve() == WORKER_DIR / "client.py"
+    assert client.PoolClient.__name__ == "PoolClient" and sys.modules["worker"] is foreign
