@@ -83,7 +83,8 @@ def run_bench(args) -> dict:
                                         attention=args.attention, **deg)
                 t_start = time.perf_counter()
                 try:
-                    client = PoolClient(config).start()
+                    client = PoolClient(config, hang_timeout=args.hang_timeout,
+                                        startup_timeout=args.startup_timeout).start()
                 except Exception as e:  # noqa: BLE001 - report and go on with the sweep
                     print(f"  {name}: pool failed to start: {e}")
                     continue
@@ -204,6 +205,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench", help="folder for bench.json and bench.png")
     p.add_argument("--save-auto", action="store_true", help=f"write the best configurations to {AUTO_TABLE.name}")
+    p.add_argument("--hang-timeout", type=float, default=60.0,
+                   help="seconds without a step before a configuration is reported stuck (stacks are printed)")
+    p.add_argument("--startup-timeout", type=float, default=600.0,
+                   help="seconds for a pool to start and a job to reach its first step (compilation included)")
 
 
 def main(args) -> int:
