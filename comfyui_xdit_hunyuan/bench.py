@@ -78,8 +78,8 @@ def run_bench(args) -> dict:
                 name = config_name(deg)
                 if wanted and name not in wanted:
                     continue
-                config = ParallelConfig(devices=",".join(devices[:n]).replace("cuda:", "") if devices[0] != "cpu"
-                                        else f"cpu:{n}", compile=compiled, dtype=args.dtype,
+                config = ParallelConfig(devices=",".join(devices[:n]) if devices[0] != "cpu" else f"cpu:{n}",
+                                        compile=compiled, dtype=args.dtype,
                                         attention=args.attention, **deg)
                 t_start = time.perf_counter()
                 try:
@@ -105,7 +105,7 @@ def run_bench(args) -> dict:
                                "compiled": compiled, "seconds": m["seconds"], "all_seconds": m["all_seconds"],
                                "first_job_seconds": first, "pool_start_seconds": None,
                                "ms_per_step": 1000 * m["seconds"] / args.steps,
-                               "ranks": client.last_stats if hasattr(client, "last_stats") else None}
+                               "ranks": client.last_stats.get("ranks")}
                         if n == 1 and px not in reference:
                             row["pool_start_seconds"] = time.perf_counter() - t_start
                         key = (px, compiled)

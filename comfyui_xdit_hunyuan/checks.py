@@ -19,12 +19,10 @@ from .plan import ParallelConfig, check_job
 def model_config(source) -> HunyuanDiTConfig:
     """The config of a weights source ("random:<seed>:<preset>", a path, or a state dict) without
     loading tensor data. Raises NotHunyuanDiTError / CheckpointError (ValueErrors) for bad sources."""
-    if isinstance(source, str) and source.startswith("random:"):
-        from .tiny import preset
-        parts = source.split(":", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
-            raise JobError(f"random weights are written 'random:<seed>:<preset>', got '{source}'")
-        return preset(parts[2])
+    from .tiny import parse_random_source, preset
+    random = parse_random_source(source)
+    if random is not None:
+        return preset(random[1])
     from .model.loading import inspect_source
     return inspect_source(source)
 
@@ -32,6 +30,12 @@ def model_config(source) -> HunyuanDiTConfig:
 def _finite(t: torch.Tensor, what: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise JobError(f"{what} contains NaN or Inf values; check the node or file that produced it")
+
+
+def check_conditioning(entries: list[CondEntry], which: str, cfg: HunyuanDiTConfig, batch: int) -> None:
+    """JobError unless every entry fits a model of shape `cfg` and a latent batch of `batch`."""
+    for e in entries:
+        _check_entry(e, which, cfg, batch)
 
 
 def _check_entry(e: CondEntry, which: str, cfg: HunyuanDiTConfig, batch: int) -> None:
@@ -44,13 +48,11 @@ def _check_entry(e: CondEntry, which: str, cfg: HunyuanDiTConfig, batch: int) ->
             raise JobError(f"the {which} conditioning '{key}' has batch {t.shape[0]} but the latent has batch "
                            f"{batch}; use conditioning of batch 1 or {batch}")
         _finite(t, f"the {which} conditioning '{key}'")
-    if e.context.ndim != 3 or e.context.shape[-1] != cfg.text_dim:
-        raise JobError(f"the {which} conditioning has BERT states {tuple(e.context.shape)}; this model takes "
-                       f"[batch, tokens, {cfg.text_dim}]: encode with the CLIP of this checkpoint")
-    if e.encoder_hidden_states_t5.ndim != 3 or e.encoder_hidden_states_t5.shape[-1] != cfg.text_dim_t5:
-        raise JobError(f"the {which} conditioning has mT5 states {tuple(e.encoder_hidden_states_t5.shape)}; "
-                       f"this model takes [batch, tokens, {cfg.text_dim_t5}]: encode with the CLIP of this "
-                       f"checkpoint")
+    ctx, t5 = e.context, e.encoder_hidden_states_t5
+    if ctx.ndim != 3 or t5.ndim != 3 or ctx.shape[-1] != cfg.text_dim or t5.shape[-1] != cfg.text_dim_t5:
+        raise JobError(f"the {which} conditioning has text widths {ctx.shape[-1]} (BERT) and {t5.shape[-1]} (mT5) "
+                       f"but the model expects {cfg.text_dim} and {cfg.text_dim_t5} ([batch, tokens, width]); "
+                       f"encode the prompt with the CLIP of this HunyuanDiT checkpoint")
     if e.text_embedding_mask.shape[-1] != e.context.shape[1] or \
             e.text_embedding_mask_t5.shape[-1] != e.encoder_hidden_states_t5.shape[1]:
         raise JobError(f"the {which} conditioning's attention masks do not match its token counts")
@@ -107,7 +109,6 @@ def validate_job(job: Job, plan: ParallelConfig, cfg: HunyuanDiTConfig) -> list[
         raise JobError("the negative conditioning is empty but cfg != 1 needs it; connect a CLIPTextEncode "
                        "(an empty prompt is fine)")
     for which, entries in (("positive", job.positive), ("negative", job.negative)):
-        for e in entries:
-            _check_entry(e, which, cfg, batch)
+        check_conditioning(entries, which, cfg, batch)
     return check_job(plan, steps=len(sig) - 1, latent_hw=tuple(lat.shape[2:]), cfg_scale=job.cfg,
                      patch_size=cfg.patch_size)

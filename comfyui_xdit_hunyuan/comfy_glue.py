@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .checks import check_conditioning
 from .job import CondEntry, Job, JobCancelled, JobError, PoolError, WeightsRef
 from .model.attention import BACKENDS
 from .model.config import HunyuanDiTConfig, NotHunyuanDiTError
@@ -440,14 +441,6 @@ def convert_conditioning(conditioning, which: str, latent_shape: tuple[int, ...]
     return entries
 
 
-def check_conditioning_fits(entries: list[CondEntry], cfg: HunyuanDiTConfig, which: str) -> None:
-    for e in entries:
-        if e.context.shape[-1] != cfg.text_dim or e.encoder_hidden_states_t5.shape[-1] != cfg.text_dim_t5:
-            raise JobError(f"the {which} conditioning has text widths {e.context.shape[-1]} (BERT) and "
-                           f"{e.encoder_hidden_states_t5.shape[-1]} (mT5) but the model expects {cfg.text_dim} and "
-                           f"{cfg.text_dim_t5}; encode the prompt with the CLIP of this HunyuanDiT checkpoint")
-
-
 # ------------------------------------------------------------------------------------------ latent
 def check_latent(latent) -> torch.Tensor:
     """The LATENT's samples as float32 [B, 4, h, w] (an all-zero latent with another channel count is
@@ -796,8 +789,8 @@ def prepare(model, seed, steps, cfg, sampler_name, scheduler, positive, negative
     mcfg = check_model(model)
     pos = convert_conditioning(positive, "positive", tuple(samples.shape))
     neg = convert_conditioning(negative, "negative", tuple(samples.shape))
-    check_conditioning_fits(pos, mcfg, "positive")
-    check_conditioning_fits(neg, mcfg, "negative")
+    check_conditioning(pos, "positive", mcfg, samples.shape[0])
+    check_conditioning(neg, "negative", mcfg, samples.shape[0])
     sigmas = backend.sigmas(model, steps, sampler_name, scheduler, denoise)
     if not bool(torch.isfinite(sigmas).all()):
         raise JobError(f"scheduler '{scheduler}' gave non-finite sigmas for {steps} steps; choose another scheduler")

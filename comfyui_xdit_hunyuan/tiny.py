@@ -27,6 +27,17 @@ def preset(name: str) -> HunyuanDiTConfig:
     return PRESETS[name]
 
 
+def parse_random_source(source) -> tuple[int, str] | None:
+    """(seed, preset) of a weights source "random:<seed>:<preset>", None for any other source."""
+    if not (isinstance(source, str) and source.startswith("random:")):
+        return None
+    parts = source.split(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        raise ValueError(f"random weights are written 'random:<seed>:<preset>', got '{source}'")
+    preset(parts[2])
+    return int(parts[1]), parts[2]
+
+
 def random_model(cfg: HunyuanDiTConfig | str = "tiny", seed: int = 0, dtype=torch.float32,
                  device="cpu") -> HunyuanDiT:
     """A HunyuanDiT with seeded random weights, generated directly on `device` (a full-size model

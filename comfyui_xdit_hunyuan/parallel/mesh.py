@@ -55,14 +55,6 @@ class Mesh:
     def sp_index(self) -> int:
         return self.coords["ring"] * self.degrees["ulysses"] + self.coords["ulysses"]
 
-    @property
-    def sp_ranks(self) -> list[int]:
-        return [self.rank_at(ring=r, ulysses=u) for r in range(self.degrees["ring"])
-                for u in range(self.degrees["ulysses"])]
-
-    def ranks_along(self, axis: str) -> list[int]:
-        return [self.rank_at(**{axis: i}) for i in range(self.degrees[axis])]
-
 
 def coords_of(rank: int, degrees: dict[str, int]) -> dict[str, int]:
     out = {}

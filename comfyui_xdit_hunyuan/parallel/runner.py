@@ -162,6 +162,7 @@ class Runner:
         layout = TokenLayout(grid.rows, grid.cols, patches=M, ring=mesh.degree("ring"),
                              ulysses=mesh.degree("ulysses"))
         rope_full = model.rope(grid)
+        rope_of: dict[tuple, tuple] = {}           # this rank's RoPE rows per view (built once per job)
         patch_rows = [layout.patch_latent_rows(m, p, H) for m in range(M)]
 
         self.use_uncond = job.uses_uncond()
@@ -237,7 +238,9 @@ class Runner:
                     buf = self._recv((len(blks), sum(batches), n_mine, cfg.hidden_size), dt, src, "skip")
                     skips_in.update(zip(blks, buf.unbind(0)))
                 # ---- my blocks, per call group
-                rope = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in rope_full)
+                if tuple(view) not in rope_of:
+                    rope_of[tuple(view)] = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in rope_full)
+                rope = rope_of[tuple(view)]
                 attn.patches = view
                 outs, produced = [], []
                 for gi, (cond, part) in enumerate(zip(conds, hidden.split(batches))):

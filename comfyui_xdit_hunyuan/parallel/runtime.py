@@ -2,7 +2,6 @@
 mesh per set of degrees, and runs jobs with the Runner."""
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
@@ -26,10 +25,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def build_weights(source, *, dtype: torch.dtype, device: torch.device) -> HunyuanDiT:
     """A model from a WeightsRef source: "random:<seed>:<preset>", a path, or a state dict."""
-    if isinstance(source, str) and source.startswith("random:"):
-        from ..tiny import random_model
-        _, seed, preset = source.split(":", 2)
-        return random_model(preset, seed=int(seed), dtype=dtype, device=device)
+    from ..tiny import parse_random_source, random_model
+    random = parse_random_source(source)
+    if random is not None:
+        return random_model(random[1], seed=random[0], dtype=dtype, device=device)
     from ..model.loading import load_model
     return load_model(source, dtype=dtype, device=device)
 
@@ -95,14 +94,4 @@ class RankRuntime:
         mesh = self.mesh_for(plan)
         backend = resolve_backend(plan.attention, self.device, self.dtype)
         runner = Runner(self.model, mesh, plan, backend=backend, report=report, cancel_requested=cancel_requested)
-        t0 = time.perf_counter()
-        out = runner.run(job)
-        self.last_seconds = time.perf_counter() - t0
-        return out
-
-    def stats(self) -> dict:
-        s = {"rank": self.rank, "device": str(self.device), "loads": self.loads}
-        if self.device.type == "cuda":
-            s["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            s["gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(self.device) / 2**30
-        return s
+        return runner.run(job)
