@@ -49,7 +49,7 @@ def main():
     def denoise(x, sigma):
         s = torch.tensor(sigma)
         xin = ms.calculate_input(s, x).bfloat16().repeat(2, 1, 1, 1)
-        t = ms.timestep(s.reshape(1)).cuda().repeat(2)
+        t = ms.timestep(s.reshape(1)).cuda().repeat(2).bfloat16()     # as diffusers' pipeline passes it
         v = fwd(xin, t, image_rotary_emb=rope, return_dict=False, **kw)[0][:, :4].float()
         den = ms.calculate_denoised(s, v, x.repeat(2, 1, 1, 1))
         return den[0:1] + (den[1:2] - den[0:1]) * 5.0

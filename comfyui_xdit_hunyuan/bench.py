@@ -85,13 +85,15 @@ def run_bench(args) -> dict:
                 try:
                     client = PoolClient(config, hang_timeout=args.hang_timeout,
                                         startup_timeout=args.startup_timeout).start()
+                    pool_start = time.perf_counter() - t_start
                 except Exception as e:  # noqa: BLE001 - report and go on with the sweep
                     print(f"  {name}: pool failed to start: {e}")
                     continue
                 try:
-                    for px in sizes:
+                    for i_size, px in enumerate(sizes):
                         job = bench_job(cfg, px, args.steps, args.seed, weights)
-                        warm = bench_job(cfg, px, args.warmup_job_steps, args.seed, weights)
+                        warm = job if args.warmup_job_steps <= 0 else \
+                            bench_job(cfg, px, args.warmup_job_steps, args.seed, weights)
                         first = None
                         try:
                             t0 = time.perf_counter()
@@ -103,11 +105,13 @@ def run_bench(args) -> dict:
                             continue
                         row = {"devices": n, "config": name, "degrees": deg, "pixels": px, "steps": args.steps,
                                "compiled": compiled, "seconds": m["seconds"], "all_seconds": m["all_seconds"],
-                               "first_job_seconds": first, "pool_start_seconds": None,
+                               "first_job_seconds": first, "first_job_steps": len(warm.sigmas) - 1,
+                               "pool_start_seconds": pool_start if i_size == 0 else None,
+                               # a cold pool: process start, NCCL, weights, compilation, the first image
+                               "cold_first_image_seconds": pool_start + first
+                               if i_size == 0 and warm is job else None,
                                "ms_per_step": 1000 * m["seconds"] / args.steps,
                                "ranks": client.last_stats.get("ranks")}
-                        if n == 1 and px not in reference:
-                            row["pool_start_seconds"] = time.perf_counter() - t_start
                         key = (px, compiled)
                         if n == 1:
                             reference[key] = (m["seconds"], m["latent"])
@@ -171,7 +175,8 @@ def chart(report: dict, path: Path) -> bool:
                     ax.text(x + 0.4 * k, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks([x + 0.2 for x in xs])
         ax.set_xticklabels([f"{n} GPU\n{c}" for n, c in labels], fontsize=7)
-        ax.set_ylabel(f"seconds, {report['steps']} steps")
+        steps = sorted({r["steps"] for r in sel})
+        ax.set_ylabel(f"seconds, {'/'.join(map(str, steps))} steps")
         ax.set_title(f"HunyuanDiT {px}x{px}, {report['device']}")
         ax.legend()
     fig.tight_layout()
@@ -180,12 +185,14 @@ def chart(report: dict, path: Path) -> bool:
 
 
 def table(report: dict) -> str:
-    lines = [f"| devices | config | size | mode | seconds ({report['steps']} steps) | ms/step | x 1 GPU | rel. diff |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| devices | config | size | steps | mode | seconds | ms/step | x 1 GPU | rel. diff | cold first image |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['devices']} | {r['config']} | {r['pixels']}² | {'compiled' if r['compiled'] else 'eager'} "
+        cold = r.get("cold_first_image_seconds")
+        lines.append(f"| {r['devices']} | {r['config']} | {r['pixels']}² | {r['steps']} "
+                     f"| {'compiled' if r['compiled'] else 'eager'} "
                      f"| {r['seconds']:.3f} | {r['ms_per_step']:.1f} | {r.get('speedup_vs_1gpu', float('nan')):.2f} "
-                     f"| {r.get('rel_diff_vs_1gpu', float('nan')):.1e} |")
+                     f"| {r.get('rel_diff_vs_1gpu', float('nan')):.1e} | {f'{cold:.1f} s' if cold else '-'} |")
     return "\n".join(lines)
 
 
@@ -195,7 +202,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="1024,2048", help="square image sizes in pixels, comma separated")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (median reported)")
-    p.add_argument("--warmup-job-steps", type=int, default=3, help="steps of the untimed first job (compiles)")
+    p.add_argument("--warmup-job-steps", type=int, default=0,
+                   help="steps of the untimed first job (loads, compiles); 0: the full job, which also times a "
+                        "cold pool's first image")
     p.add_argument("--compile", choices=("off", "on", "both"), default="both")
     p.add_argument("--configs", default="", help="only these configurations, e.g. 'serial,cfg2,ulysses2'")
     p.add_argument("--preset", default="full", help="random model preset when no --ckpt (default: full)")
@@ -207,12 +216,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-auto", action="store_true", help=f"write the best configurations to {AUTO_TABLE.name}")
     p.add_argument("--hang-timeout", type=float, default=60.0,
                    help="seconds without a step before a configuration is reported stuck (stacks are printed)")
+    p.add_argument("--from", dest="from_json", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: merge these bench.json files (e.g. from several machines' runs) into "
+                        "one table, chart and JSON under --out (with --save-auto, the auto table)")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="seconds for a pool to start and a job to reach its first step (compilation included)")
 
 
+def merge(paths: list[str]) -> dict:
+    """One report from several: rows keep the speed-up and difference measured against the 1-GPU run of
+    their own call; each row records the file it came from."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [dict(r, run=Path(p).parent.name or Path(p).name) for p, rep in zip(paths, reports) for r in rep["results"]]
+    devices = sorted({rep["device"] for rep in reports})
+    return {"device": " / ".join(devices), "preset": reports[0]["preset"], "steps": reports[0]["steps"],
+            "results": rows}
+
+
 def main(args) -> int:
-    report = run_bench(args)
+    report = merge(args.from_json) if getattr(args, "from_json", None) else run_bench(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))

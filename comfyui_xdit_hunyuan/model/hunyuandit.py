@@ -31,6 +31,8 @@ class SelfAttention(Protocol):
 class LocalAttention:
     """Plain attention over the tokens given (serial runs, and cross-checks)."""
 
+    traceable = True          # torch.compile may trace it into the block graphs
+
     def __init__(self, backend: str = "sdpa"):
         self.backend = backend
 
@@ -64,7 +66,15 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden, **kw)
         self.fc2 = nn.Linear(hidden, dim, **kw)
 
+    # fc1 + tanh-GELU as one GEMM with a GELU epilogue (cuBLASLt through torch._addmm_activation, which
+    # torch.compile keeps as one call): the 4.4x-wide hidden activation is written once instead of written,
+    # read and written again, and the GELU is taken on the float32 accumulator. Set on GPUs by the runtime.
+    fused_gelu = False
+
     def forward(self, x):
+        if self.fused_gelu and x.is_cuda:          # (the CPU kernel's epilogue is the erf GELU)
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -78,14 +88,20 @@ class SelfAttentionLayer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6, **kw) if qk_norm else None
         self.out_proj = nn.Linear(dim, dim, **kw)
 
-    def forward(self, x, rope, attention: SelfAttention, block: int):
+    def qkv(self, x, rope):
+        """Head-first q, k, v [b, h, n, d], normalised, RoPE on q and k."""
         b, n, _ = x.shape
         q, k, v = self.Wqkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = layer_norm32(q, self.q_norm), layer_norm32(k, self.k_norm)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, block)                          # [b, h, n, d]
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def out(self, o):
+        b, _, n, _ = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x, rope, attention: SelfAttention, block: int):
+        return self.out(attention(*self.qkv(x, rope), block))
 
 
 class CrossAttentionLayer(nn.Module):
@@ -135,9 +151,18 @@ class HunyuanDiTBlock(nn.Module):
             self.skip_norm = self.skip_linear = None
 
     def forward(self, x, shift, text_kv, rope, skip, attention: SelfAttention, index: int, cross_backend: str):
+        x, q, k, v = self.before_attention(x, shift, rope, skip)
+        return self.after_attention(x, attention(q, k, v, index), text_kv, rope, cross_backend)
+
+    def before_attention(self, x, shift, rope, skip):
+        """Skip merge, norm, shift, fused QKV, q/k norms and RoPE -> (x, q, k, v)."""
         if self.skip_linear is not None:
             x = self.skip_linear(layer_norm32(torch.cat([x, skip], dim=-1), self.skip_norm))
-        x = x + self.attn1(layer_norm32(x, self.norm1) + shift, rope, attention, index)
+        return (x, *self.attn1.qkv(layer_norm32(x, self.norm1) + shift, rope))
+
+    def after_attention(self, x, o, text_kv, rope, cross_backend: str):
+        """Self-attention output projection and residual, cross-attention, MLP."""
+        x = x + self.attn1.out(o)
         x = x + self.attn2(layer_norm32(x, self.norm3), text_kv, rope, cross_backend)
         return x + self.mlp(layer_norm32(x, self.norm2))
 
@@ -228,6 +253,7 @@ class HunyuanDiT(nn.Module):
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, **kw)
         self.cross_backend = "sdpa"
         self._rope_cache: dict = {}
+        self._split = None              # compiled block halves (compile_blocks)
 
     # ---------------------------------------------------------------- pieces the engine composes
     @property
@@ -317,11 +343,17 @@ class HunyuanDiT(nn.Module):
                    skips: dict[int, torch.Tensor], attention: SelfAttention) -> torch.Tensor:
         """Run `blocks` (ascending indices) on tokens x. Skip inputs are popped from `skips` by the
         index of the block that produced them; skip outputs are stored there under this block's index."""
+        whole = getattr(attention, "traceable", False) or self._split is None
         for i in blocks:
             src = self.cfg.skip_source(i)
             skip = skips.pop(src) if src is not None else None
             shift, text_kv = self.block_inputs(cond, i)
-            x = self.blocks[i](x, shift, text_kv, rope, skip, attention, i, self.cross_backend)
+            if whole:       # attention traced into the block (in its compiled graph when compiled)
+                x = self.blocks[i](x, shift, text_kv, rope, skip, attention, i, self.cross_backend)
+            else:           # compiled halves around an attention that communicates (no graph break inside)
+                before, after = self._split
+                x, q, k, v = before(self.blocks[i], x, shift, rope, skip)
+                x = after(self.blocks[i], x, attention(q, k, v, i), text_kv, rope, self.cross_backend)
             if self.cfg.is_skip_source(i):
                 skips[i] = x
         return x
@@ -341,13 +373,24 @@ class HunyuanDiT(nn.Module):
         x = x[:, : self.cfg.in_channels, : min(grid.height, r1 * p) - r0 * p, : grid.width]
         return x.float()
 
+    def use_fused_gelu(self, on: bool = True) -> None:
+        """fc1 + GELU as one GEMM with a GELU epilogue in every block (GPUs)."""
+        for blk in self.blocks:
+            blk.mlp.fused_gelu = on
+
     def compile_blocks(self) -> None:
-        """Regional torch.compile: each block is compiled (blocks share the compiled code), so the first
-        run stays short; sequence-parallel attention strategies are excluded from the graphs."""
+        """Regional torch.compile (blocks share the compiled code, so the first run stays short):
+        - whole blocks, for attention that traces (one GPU, CFG parallel): attention fuses with its
+          neighbours;
+        - the two halves of a block around self-attention, for attention that communicates (Ulysses, Ring,
+          PipeFusion's K/V buffer): called one after the other with the attention in between, so there is no
+          graph break inside a block and no graph per block index. Both compile lazily, at first use."""
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for blk in self.blocks:
             blk.compile(dynamic=False)
+        self._split = (torch.compile(HunyuanDiTBlock.before_attention, dynamic=False),
+                       torch.compile(HunyuanDiTBlock.after_attention, dynamic=False))
 
     # ---------------------------------------------------------------- the whole model, serially
     def forward(self, x, t, context, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,

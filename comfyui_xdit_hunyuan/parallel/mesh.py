@@ -96,4 +96,30 @@ def build_mesh(degrees: dict[str, int], rank: int, *, ctrl=None) -> Mesh:
         # receives of another flow between the same pair of ranks (NCCL orders p2p per communicator)
         for flow in ("hidden", "skip", "latent"):
             mesh.p2p[flow] = dist.new_group(list(range(world)))
+        _connect_pairs(mesh, all_coords)
     return mesh
+
+
+def _connect_pairs(mesh: Mesh, all_coords: list[dict[str, int]]) -> None:
+    """Set up every PipeFusion point-to-point channel now, in one global order.
+
+    NCCL creates a pair's communicator at its first send/recv, and that creation blocks until both ranks
+    join it. In a pipelined step stage 0 first sends skips, then hidden states, while stage 1 first
+    receives hidden states: each would wait inside a different communicator's creation, for ever (seen
+    on two H100s). Exchanging one element per (flow, pair) in lexicographic order cannot deadlock: the
+    smallest unfinished pair always has both of its ranks waiting on it.
+    """
+    import torch
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    pairs = [(a, b) for a in range(len(all_coords)) for b in range(a + 1, len(all_coords))
+             if all(all_coords[a][x] == all_coords[b][x] for x in AXES if x != "pp")]
+    token = torch.zeros(1, device=dev)
+    for flow in ("hidden", "skip", "latent"):
+        group = mesh.p2p[flow]
+        for a, b in pairs:
+            if mesh.rank == a:
+                dist.send(token, b, group=group)
+                dist.recv(token, b, group=group)
+            elif mesh.rank == b:
+                dist.recv(token, a, group=group)
+                dist.send(token, a, group=group)

@@ -64,7 +64,10 @@ class RankRuntime:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.model = build_weights(ref.source, dtype=self.dtype, device=self.device)
-        self.model.cross_backend = resolve_backend(self.config.attention, self.device, self.dtype)
+        if self.device.type == "cuda":
+            self.model.use_fused_gelu()
+        self.model.cross_backend = resolve_backend(self.config.attention, self.device, self.dtype,
+                                                   in_graph=self.config.compile)
         if self.config.compile:
             self.model.compile_blocks()
         self.identity = ref.identity
@@ -92,6 +95,8 @@ class RankRuntime:
         if self.ensure_weights(job.weights):
             report({"type": "loaded", "identity": self.identity})
         mesh = self.mesh_for(plan)
-        backend = resolve_backend(plan.attention, self.device, self.dtype)
+        # self-attention runs inside the compiled block graphs only without sequence parallelism / PipeFusion
+        in_graph = plan.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
+        backend = resolve_backend(plan.attention, self.device, self.dtype, in_graph=in_graph)
         runner = Runner(self.model, mesh, plan, backend=backend, report=report, cancel_requested=cancel_requested)
         return runner.run(job)

@@ -1,0 +1,88 @@
+"""The compiled model (regional torch.compile) equals the eager one, fp32 on the CPU, for both ways the
+engine calls blocks: whole blocks with attention traced in (one GPU, CFG parallel) and the two compiled
+halves around an attention that communicates (Ulysses, Ring, PipeFusion). A second call compiles nothing
+new, and the number of graphs does not grow with the depth. Also the kernel choices that only apply on
+GPUs: the padded-head-dim attention and the fused GELU GEMM keep the math."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from comfyui_xdit_hunyuan.model import LocalAttention, TokenGrid
+from comfyui_xdit_hunyuan.model.attention import attention, resolve_backend
+from comfyui_xdit_hunyuan.tiny import random_cond, random_model
+
+
+class Communicating:
+    """Stands for a sequence-parallel attention: not traceable (the compiled halves go around it)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @torch.compiler.disable
+    def __call__(self, q, k, v, block):
+        self.calls += 1
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _blocks_out(model, attn, x, text, t=500.0):
+    cond = model.conditions(text, torch.tensor([t]))
+    grid = TokenGrid(x.shape[-2], x.shape[-1], model.cfg.patch_size)
+    return model.run_blocks(model.embed_image(x), cond, model.rope(grid), range(model.cfg.depth), {}, attn)
+
+
+def test_compiled_blocks_equal_eager_and_do_not_recompile():
+    torch._dynamo.reset()
+    g0 = counters["stats"]["unique_graphs"]
+    model = random_model("tiny", seed=3)
+    c = random_cond(model.cfg, 1)
+    text = model.encode_text(c.context, c.text_embedding_mask, c.encoder_hidden_states_t5, c.text_embedding_mask_t5)
+    x = torch.randn(1, 4, 16, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _blocks_out(model, LocalAttention(), x, text)
+        model.compile_blocks()
+        whole = _blocks_out(model, LocalAttention(), x, text)
+        whole_graphs = counters["stats"]["unique_graphs"] - g0
+        comm = Communicating()
+        halves = _blocks_out(model, comm, x, text)
+        assert comm.calls == model.cfg.depth
+        graphs = counters["stats"]["unique_graphs"] - g0
+        again = [_blocks_out(model, LocalAttention(), x, text, 300.0), _blocks_out(model, Communicating(), x, text, 300.0)]
+        assert counters["stats"]["unique_graphs"] - g0 == graphs, "a second call (new step, new attention object) recompiled"
+    # per kind of block (with / without a skip input, the first block's input layout), not per block index
+    assert whole_graphs <= 4 and graphs - whole_graphs <= 6, (whole_graphs, graphs)
+    for out in (whole, halves):
+        assert (out - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+    assert (again[0] - again[1]).abs().max().item() < 1e-5 * max(1.0, again[0].abs().max().item())
+    torch._dynamo.reset()
+
+
+def test_padded_attention_keeps_the_math():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 88, generator=g) for _ in range(3))
+    ref = attention(q, k, v, "math")
+    out = attention(q, k, v, "padded")
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_auto_backend_pads_only_inside_gpu_graphs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    expected_gpu = "flash_attn" if resolve_backend("auto", cuda, torch.bfloat16) == "flash_attn" else "padded"
+    assert resolve_backend("auto", cuda, torch.bfloat16, in_graph=True) == expected_gpu
+    assert resolve_backend("auto", cuda, torch.bfloat16, in_graph=False) in ("sdpa", "flash_attn")
+    assert resolve_backend("auto", cpu, torch.float32, in_graph=True) == "sdpa"
+    assert resolve_backend("cudnn", cuda, torch.bfloat16, in_graph=True) == "cudnn"
+
+
+def test_fused_gelu_is_the_plain_mlp_on_cpu():
+    model = random_model("tiny", seed=4)
+    mlp = model.blocks[0].mlp
+    x = torch.randn(2, 5, model.cfg.hidden_size)
+    ref = mlp(x)
+    model.use_fused_gelu()
+    try:
+        assert torch.equal(mlp(x), ref)        # the CPU keeps the plain ops (its fused kernel's GELU is erf)
+    finally:
+        model.use_fused_gelu(False)
