@@ -27,8 +27,17 @@ def model_config(source) -> HunyuanDiTConfig:
     return inspect_source(source)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. Any NaN or Inf element makes the sum NaN or Inf, so a finite sum proves the
+    tensor finite; only a non-finite sum (or an overflow of finite values) needs the elementwise test.
+    torch.isfinite(t).all() alone took ~20 ms per conditioning tensor on CPUs: 0.1-0.2 s per job."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _finite(t: torch.Tensor, what: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise JobError(f"{what} contains NaN or Inf values; check the node or file that produced it")
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checks import check_conditioning
+from .checks import all_finite, check_conditioning
 from .job import CondEntry, Job, JobCancelled, JobError, PoolError, WeightsRef
 from .model.attention import BACKENDS
 from .model.config import HunyuanDiTConfig, NotHunyuanDiTError
@@ -353,7 +353,7 @@ def _repeat_to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise JobError(f"{what} contains {bad} NaN or infinite values; re-encode the prompt (a broken text "
                        f"encoder or a node upstream produced them)")

@@ -134,3 +134,20 @@ def test_fifty_jobs_each_equal_the_job_alone_and_nothing_leaks():
     assert _fd_count() <= fds, "file handles or sockets were left open"
     growth = max(rss[-5:]) - min(rss[5:10])
     assert growth < 64 * 2**20, f"worker memory grew by {growth / 2**20:.0f} MiB over the jobs"
+
+
+def test_all_finite_is_exact():
+    """The fast NaN/Inf test (a sum first) gives the elementwise answer, overflow of finite values and
+    half precision included."""
+    from comfyui_xdit_hunyuan.checks import all_finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(1000).to(dtype)
+            x[371] = bad
+            assert not all_finite(x)
+    mixed = torch.randn(10)
+    mixed[1], mixed[2] = float("inf"), -float("inf")
+    assert not all_finite(mixed)
+    assert all_finite(torch.full((1000,), 3e38))                 # the sum overflows, the values do not
+    assert all_finite(torch.full((100,), 60000.0).half())
+    assert all_finite(torch.zeros(0)) and all_finite(torch.arange(5))
