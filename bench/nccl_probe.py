@@ -67,7 +67,8 @@ def rank_main(rank: int, world: int, a):
         serial = Runner(model, build_mesh({}, 0), ParallelConfig()).run(job(a.pixels, a.steps, name))
     dist.barrier(group=ctrl)
     for phase in a.phases.split(","):
-        faulthandler.dump_traceback_later(a.watchdog, exit=True)
+        # a phase's first run compiles when --compile: allow for it (a stall watchdog, not a time limit)
+        faulthandler.dump_traceback_later(a.watchdog + (240 if a.compile else 0), exit=True)
         t0 = time.perf_counter()
         if phase == "ring_attn":
             mesh = build_mesh({"ring": 2}, rank, ctrl=ctrl)
