@@ -385,12 +385,17 @@ class HunyuanDiT(nn.Module):
         - the two halves of a block around self-attention, for attention that communicates (Ulysses, Ring,
           PipeFusion's K/V buffer): called one after the other with the attention in between, so there is no
           graph break inside a block and no graph per block index. Both compile lazily, at first use."""
+        import os
+
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # torch.compile's mode, for experiments on a GPU (e.g. "max-autotune-no-cudagraphs",
+        # "reduce-overhead"); the workers inherit the variable from ComfyUI's environment
+        mode = os.environ.get("XDIT_HUNYUAN_COMPILE_MODE") or None
         for blk in self.blocks:
-            blk.compile(dynamic=False)
-        self._split = (torch.compile(HunyuanDiTBlock.before_attention, dynamic=False),
-                       torch.compile(HunyuanDiTBlock.after_attention, dynamic=False))
+            blk.compile(dynamic=False, mode=mode)
+        self._split = (torch.compile(HunyuanDiTBlock.before_attention, dynamic=False, mode=mode),
+                       torch.compile(HunyuanDiTBlock.after_attention, dynamic=False, mode=mode))
 
     # ---------------------------------------------------------------- the whole model, serially
     def forward(self, x, t, context, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,
