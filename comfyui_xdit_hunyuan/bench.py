@@ -112,6 +112,9 @@ def run_bench(args) -> dict:
                                if i_size == 0 and warm is job else None,
                                "ms_per_step": 1000 * m["seconds"] / args.steps,
                                "ranks": client.last_stats.get("ranks")}
+                        jobs = [r.get("job_seconds") for r in row["ranks"] or [] if r.get("job_seconds")]
+                        # submit -> latent back, beyond the ranks' own job time (of the last timed run)
+                        row["pool_overhead_seconds"] = m["all_seconds"][-1] - max(jobs) if jobs else None
                         key = (px, compiled)
                         if n == 1:
                             reference[key] = (m["seconds"], m["latent"])
@@ -124,7 +127,9 @@ def run_bench(args) -> dict:
                         print(f"  {n} dev  {name:<22} {px}px {'compiled' if compiled else 'eager   '} "
                               f"{m['seconds']:7.3f} s  ({row['ms_per_step']:.1f} ms/step)"
                               + (f"  x{row['speedup_vs_1gpu']:.2f}" if "speedup_vs_1gpu" in row else "")
-                              + (f"  diff {row['rel_diff_vs_1gpu']:.2e}" if "rel_diff_vs_1gpu" in row else ""),
+                              + (f"  diff {row['rel_diff_vs_1gpu']:.2e}" if "rel_diff_vs_1gpu" in row else "")
+                              + (f"  pool overhead {1000 * row['pool_overhead_seconds']:.0f} ms"
+                                 if row["pool_overhead_seconds"] is not None else ""),
                               flush=True)
                 finally:
                     client.close()

@@ -27,6 +27,7 @@ def test_bench_sweeps_and_merges(tmp_path):
     assert rows["serial"]["speedup_vs_1gpu"] == 1.0 and rows["cfg2"]["rel_diff_vs_1gpu"] < 1e-5   # exact mode
     for r in rows.values():
         assert r["seconds"] > 0 and r["cold_first_image_seconds"] >= r["seconds"] > 0
+        assert 0 <= r["pool_overhead_seconds"] < r["seconds"]
         assert len(r["ranks"]) == r["devices"] and all(len(k["step_seconds"]) == 3 for k in r["ranks"][:1])
     assert "| 2 | cfg2 | 64² | 3 | eager |" in p.stdout
 
