@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attention kernel. Default: auto (the fastest available)")
     par.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="compute dtype of the workers. Default: auto (bf16 on GPU, fp32 on CPU)")
-    par.add_argument("--compile", action="store_true", help="torch.compile the model on the workers")
+    par.add_argument("--compile", action="store_true", help="torch.compile the model on the GPU workers "
+                     "(CPU workers run eager)")
 
     smp = common.add_argument_group("sampling")
     smp.add_argument("--steps", type=int, metavar="N",
@@ -374,7 +375,7 @@ def print_settings(title: str, s: Settings, hw: tuple[int, int], patch: int, mod
         f"  devices    {describe_devices(s.devices)}",
         f"  parallel   {plan.describe()}  [{how}; world size {plan.world_size}]",
         f"  dtype      {s.dtype_name}{' (auto)' if s.config.dtype == 'auto' else ''}, attention {plan.attention}"
-        f"{', torch.compile' if plan.compile else ''}",
+        f"{(', torch.compile' if s.gpu else ', compile ignored (CPU workers run eager)') if plan.compile else ''}",
         *(f"  {line}" for line in model_lines),
         f"  size       {s.width}x{s.height} pixels{note('size')} -> latent {hw[1]}x{hw[0]}, "
         f"{rows * cols} image tokens",

@@ -117,10 +117,11 @@ CONFIG_INPUTS: tuple[InputSpec, ...] = (
         "Precision of the workers' weights and activations: auto = bf16 on GPU, fp32 on CPU. fp32 follows "
         "a fp32 KSampler run most closely but is several times slower and needs twice the memory; fp16 can "
         "overflow on HunyuanDiT. Changing it restarts the pool.")),
-    InputSpec("compile", "BOOLEAN", default=False, tooltip=(
-        "torch.compile the model in every worker: on GPUs steps take about 60% of the eager time, but the "
-        "first image of each new size waits for compilation (tens of seconds). Needs Triton. Changing it "
-        "restarts the pool.")),
+    InputSpec("compile", "BOOLEAN", default=True, tooltip=(
+        "torch.compile the model in every GPU worker: steps take about 60% of the eager time, but the "
+        "first image of each new size waits for compilation (tens of seconds). Where it cannot compile "
+        "(no Triton) the workers run eager and log why. CPU workers always run eager. Changing it restarts "
+        "the pool.")),
 )
 
 SAMPLER_INPUTS: tuple[InputSpec, ...] = (

@@ -392,6 +392,9 @@ class HunyuanDiT(nn.Module):
         # torch.compile's mode, for experiments on a GPU (e.g. "max-autotune-no-cudagraphs",
         # "reduce-overhead"); the workers inherit the variable from ComfyUI's environment
         mode = os.environ.get("XDIT_HUNYUAN_COMPILE_MODE") or None
+        # a machine that cannot compile (no Triton, no C compiler) runs the blocks eagerly, with dynamo's
+        # warning in the worker's log, instead of failing every job
+        torch._dynamo.config.suppress_errors = True
         for blk in self.blocks:
             blk.compile(dynamic=False, mode=mode)
         self._split = (torch.compile(HunyuanDiTBlock.before_attention, dynamic=False, mode=mode),

@@ -68,7 +68,7 @@ class RankRuntime:
             self.model.use_fused_gelu()
         self.model.cross_backend = resolve_backend(self.config.attention, self.device, self.dtype,
                                                    in_graph=self.config.compile)
-        if self.config.compile:
+        if self.config.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager
             self.model.compile_blocks()
         self.identity = ref.identity
         self.loads += 1
