@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comfyui_xdit_hunyuan import sampling  # noqa: E402
+from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
 from comfyui_xdit_hunyuan.job import Job, JobCancelled, PoolError, WeightsRef  # noqa: E402
 from comfyui_xdit_hunyuan.plan import ParallelConfig, parse_devices  # noqa: E402
 from comfyui_xdit_hunyuan.pool import client_module  # noqa: E402
-from comfyui_xdit_hunyuan.tiny import preset, random_cond  # noqa: E402
+from comfyui_xdit_hunyuan.tiny import preset  # noqa: E402
 
 FAILED: list[str] = []
 
@@ -44,13 +44,8 @@ def check(ok: bool, what: str) -> None:
 
 
 def make_job(a, pixels: int, seed: int, sampler: str = "euler", steps: int | None = None) -> Job:
-    cfg = preset(a.preset)
-    ms = sampling.DiscreteVSampling.for_model(cfg)
-    lat = torch.zeros(1, 4, pixels // 8, pixels // 8)
-    return Job(weights=WeightsRef(f"random:0:{a.preset}", f"random:0:{a.preset}"),
-               positive=[random_cond(cfg, 1, hw=(pixels, pixels))], negative=[random_cond(cfg, 2, hw=(pixels, pixels))],
-               latent=lat, noise=sampling.prepare_noise(lat, seed),
-               sigmas=sampling.calculate_sigmas(ms, "normal", steps or a.steps), sampler=sampler, cfg=5.0, seed=seed)
+    ref = f"random:0:{a.preset}"
+    return replace(bench_job(preset(a.preset), pixels, steps or a.steps, seed, WeightsRef(ref, ref)), sampler=sampler)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,7 +120,6 @@ def main():
     PoolClient = client_module().PoolClient
     client = PoolClient(plan, hang_timeout=a.hang_timeout).start()
     sizes = [a.size, a.size - 64, a.size + 64 if a.size < 2048 else a.size - 128]
-    samplers = ["euler", "dpmpp_2m", "euler_ancestral", "heun"]
     refs: dict[tuple, torch.Tensor] = {}
     try:
         # 1. load: four distinct jobs in turn, the degrees changed half-way (the mesh changes, the pool stays)

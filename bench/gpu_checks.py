@@ -20,26 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comfyui_xdit_hunyuan import sampling  # noqa: E402
+from bench.profile_step import cuda_ms  # noqa: E402
+from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
 from comfyui_xdit_hunyuan.job import Job, WeightsRef  # noqa: E402
 from comfyui_xdit_hunyuan.model.attention import attention, attention_lse  # noqa: E402
 from comfyui_xdit_hunyuan.parallel.mesh import build_mesh  # noqa: E402
 from comfyui_xdit_hunyuan.parallel.runner import Runner  # noqa: E402
 from comfyui_xdit_hunyuan.plan import ParallelConfig  # noqa: E402
 from comfyui_xdit_hunyuan.tiny import preset, random_cond, random_model  # noqa: E402
-
-
-def cuda_ms(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def check_attention():
@@ -51,8 +39,8 @@ def check_attention():
         ref, ref_lse = attention_lse(q, k, v, "math") if L == 4096 else (None, None)
         for backend in ("sdpa", "flash", "cudnn", "efficient"):
             try:
-                ms = cuda_ms(lambda: attention(q, k, v, backend))
-                ms_lse = cuda_ms(lambda: attention_lse(q, k, v, backend))
+                ms = cuda_ms(lambda: attention(q, k, v, backend), iters=20, warmup=3)
+                ms_lse = cuda_ms(lambda: attention_lse(q, k, v, backend), iters=20, warmup=3)
                 err = ""
                 if ref is not None:
                     out, lse = attention_lse(q, k, v, backend)
@@ -82,13 +70,7 @@ def check_precision():
 
 
 def one_rank_job(pixels: int, steps: int) -> Job:
-    cfg = preset("full")
-    ms = sampling.DiscreteVSampling.for_model(cfg)
-    lat = torch.zeros(1, 4, pixels // 8, pixels // 8)
-    hw = (pixels, pixels)
-    return Job(weights=WeightsRef("r", "random:0:full"), positive=[random_cond(cfg, 1, hw=hw)],
-               negative=[random_cond(cfg, 2, hw=hw)], latent=lat, noise=sampling.prepare_noise(lat, 0),
-               sigmas=sampling.calculate_sigmas(ms, "normal", steps), sampler="euler", cfg=5.0)
+    return bench_job(preset("full"), pixels, steps, 0, WeightsRef("r", "random:0:full"))
 
 
 def check_syncs_and_speed(skip_compile: bool):

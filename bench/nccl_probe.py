@@ -22,28 +22,21 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comfyui_xdit_hunyuan import sampling  # noqa: E402
-from comfyui_xdit_hunyuan.job import Job, WeightsRef  # noqa: E402
+from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
+from comfyui_xdit_hunyuan.job import WeightsRef  # noqa: E402
 from comfyui_xdit_hunyuan.model.attention import attention_lse  # noqa: E402
 from comfyui_xdit_hunyuan.parallel.mesh import build_mesh  # noqa: E402
 from comfyui_xdit_hunyuan.parallel.runner import Runner  # noqa: E402
 from comfyui_xdit_hunyuan.parallel.sequence import ring_attention  # noqa: E402
 from comfyui_xdit_hunyuan.plan import ParallelConfig  # noqa: E402
-from comfyui_xdit_hunyuan.tiny import preset, random_cond, random_model  # noqa: E402
+from comfyui_xdit_hunyuan.tiny import preset, random_model  # noqa: E402
 
 DEGREES = {"ring2": dict(ring_degree=2), "pp2": dict(pipefusion_degree=2), "ulysses2": dict(ulysses_degree=2),
            "cfg2": dict(cfg_degree=2)}
-AXIS = {"cfg_degree": "cfg", "pipefusion_degree": "pp", "ring_degree": "ring", "ulysses_degree": "ulysses"}
 
 
-def job(pixels: int, steps: int, name: str = "full") -> Job:
-    cfg = preset(name)
-    ms = sampling.DiscreteVSampling.for_model(cfg)
-    lat = torch.zeros(1, 4, pixels // 8, pixels // 8)
-    hw = (pixels, pixels)
-    return Job(weights=WeightsRef("r", "random:0:full"), positive=[random_cond(cfg, 1, hw=hw)],
-               negative=[random_cond(cfg, 2, hw=hw)], latent=lat, noise=sampling.prepare_noise(lat, 0),
-               sigmas=sampling.calculate_sigmas(ms, "normal", steps), sampler="euler", cfg=5.0)
+def job(pixels: int, steps: int, name: str = "full"):
+    return bench_job(preset(name), pixels, steps, 0, WeightsRef("r", f"random:0:{name}"))
 
 
 def rank_main(rank: int, world: int, a):
@@ -85,13 +78,9 @@ def rank_main(rank: int, world: int, a):
                 say(f"ring_attn iteration {i}: rel err {err:.1e}")
         elif phase.startswith("prof:"):            # where a step's time goes in one mode (rank 0's view)
             mode = phase[5:]
-            mesh = build_mesh({AXIS[k]: v for k, v in DEGREES[mode].items()}, rank, ctrl=ctrl) if mode != "serial" \
-                else None
-            if mesh is None and rank != 0:
-                pass
-            else:
-                mesh = mesh or build_mesh({}, 0)
-                plan = ParallelConfig(**DEGREES.get(mode, {}), warmup_steps=1, compile=a.compile)
+            plan = ParallelConfig(**DEGREES.get(mode, {}), warmup_steps=1, compile=a.compile)
+            if mode != "serial" or rank == 0:          # serial: rank 0 alone
+                mesh = build_mesh(plan.mesh_degrees, rank, ctrl=ctrl) if mode != "serial" else build_mesh({}, 0)
                 runner = Runner(model, mesh, plan, backend="padded" if (a.compile and mode in ("serial", "cfg2"))
                                 else "sdpa")
                 runner.run(job(a.pixels, 3, name))
@@ -110,8 +99,8 @@ def rank_main(rank: int, world: int, a):
                     for e in sorted(evs, key=lambda e: -e.self_cpu_time_total)[:14]:
                         say(f"   cpu {e.self_cpu_time_total / 1e4:7.2f} ms/step x{e.count // 10:<5d} {e.key[:90]}")
         else:
-            mesh = build_mesh({AXIS[k]: v for k, v in DEGREES[phase].items()}, rank, ctrl=ctrl)
             plan = ParallelConfig(**DEGREES[phase], warmup_steps=1)
+            mesh = build_mesh(plan.mesh_degrees, rank, ctrl=ctrl)
             out = Runner(model, mesh, plan).run(job(a.pixels, a.steps, name))
             sync()
             if rank == 0:

@@ -44,6 +44,12 @@ class ParallelConfig:
         return self.cfg_degree * self.pipefusion_degree * self.ring_degree * self.ulysses_degree
 
     @property
+    def mesh_degrees(self) -> dict[str, int]:
+        """The degrees by mesh axis, outermost first (parallel.mesh.AXES)."""
+        return {"cfg": self.cfg_degree, "pp": self.pipefusion_degree, "ring": self.ring_degree,
+                "ulysses": self.ulysses_degree}
+
+    @property
     def patches(self) -> int:
         return self.num_pipeline_patch or self.pipefusion_degree
 

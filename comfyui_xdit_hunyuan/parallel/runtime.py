@@ -75,12 +75,12 @@ class RankRuntime:
         return True
 
     def mesh_for(self, plan: ParallelConfig):
-        key = (plan.cfg_degree, plan.pipefusion_degree, plan.ring_degree, plan.ulysses_degree)
+        degrees = plan.mesh_degrees
+        key = tuple(degrees.values())
         if plan.world_size != self.world_size:
             raise JobError(f"the plan needs {plan.world_size} ranks but the pool has {self.world_size}")
         if key not in self.meshes:
-            self.meshes[key] = build_mesh(dict(zip(("cfg", "pp", "ring", "ulysses"), key)), self.rank,
-                                          ctrl=self.ctrl)
+            self.meshes[key] = build_mesh(degrees, self.rank, ctrl=self.ctrl)
         return self.meshes[key]
 
     def run(self, job: Job, plan: ParallelConfig, *, report: Callable[[dict], None],
