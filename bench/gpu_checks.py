@@ -6,7 +6,9 @@
    without log-sum-exp (ring attention needs it);
 2. bf16 model vs float32 model on the same random full-size weights (one forward);
 3. host synchronisations inside the sampling loop (torch.cuda sync debug mode) -- must be none;
-4. one CFG step of the full model at 1024^2, eager and compiled (regional), ms.
+4. one CFG step of the full model at 1024^2, eager and compiled (regional), ms;
+5. CUDA graphs of the model call (compiled): the same latent as without, and the step time, at batch 2
+   (cfg 5) and batch 1 (cfg 1, as each rank of CFG parallel).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.profile_step import cuda_ms  # noqa: E402
 from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
 from comfyui_xdit_hunyuan.job import Job, WeightsRef  # noqa: E402
-from comfyui_xdit_hunyuan.model.attention import attention, attention_lse  # noqa: E402
+from comfyui_xdit_hunyuan.model.attention import attention, attention_lse, resolve_backend  # noqa: E402
+from comfyui_xdit_hunyuan.parallel.graphs import GraphCache  # noqa: E402
 from comfyui_xdit_hunyuan.parallel.mesh import build_mesh  # noqa: E402
 from comfyui_xdit_hunyuan.parallel.runner import Runner  # noqa: E402
 from comfyui_xdit_hunyuan.plan import ParallelConfig  # noqa: E402
@@ -105,10 +108,39 @@ def check_syncs_and_speed(skip_compile: bool):
               f"(20 steps {dt:.2f} s -> 50 steps {2.5 * dt:.2f} s)", flush=True)
 
 
+def check_graphs(steps: int, pixels: int = 1024):
+    print(f"== CUDA graphs of the model call, compiled, {pixels}^2, {steps} steps ==")
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    model = random_model("full", seed=0, dtype=dt, device=dev)
+    model.use_fused_gelu()
+    model.cross_backend = backend = resolve_backend("auto", dev, dt, in_graph=True)
+    model.compile_blocks()
+    plan, cache = ParallelConfig(compile=True), GraphCache()
+    for scale in (5.0, 1.0):
+        outs, ms = {}, {}
+        for name, graphs in (("plain", None), ("graphs", cache)):
+            runner = Runner(model, build_mesh({}, 0), plan, backend=backend, graphs=graphs)
+            warm = one_rank_job(pixels, 3)
+            warm.cfg = scale
+            runner.run(warm)                            # compile; with graphs: plain call, record, replay
+            job = one_rank_job(pixels, steps)
+            job.cfg = scale
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outs[name] = runner.run(job)
+            ms[name] = 1000 * (time.perf_counter() - t0) / steps
+        a, b = outs["plain"], outs["graphs"]
+        rel = ((a - b).norm() / a.norm()).item()
+        print(f"  batch {2 if scale != 1.0 else 1}: plain {ms['plain']:.1f} ms/step, graphs {ms['graphs']:.1f} ms/step; "
+              f"latents {'identical' if torch.equal(a, b) else f'rel diff {rel:.1e}'}", flush=True)
+    print(f"  graphs recorded {cache.captures}, failed {cache.failures}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-compile", action="store_true")
-    ap.add_argument("--only", default="attention,precision,runner")
+    ap.add_argument("--only", default="attention,precision,runner,graphs")
+    ap.add_argument("--graph-steps", type=int, default=20)
     a = ap.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(0))
     if "attention" in a.only:
@@ -117,3 +149,5 @@ if __name__ == "__main__":
         check_precision()
     if "runner" in a.only:
         check_syncs_and_speed(a.skip_compile)
+    if "graphs" in a.only:
+        check_graphs(a.graph_steps)

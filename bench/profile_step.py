@@ -62,6 +62,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2, help="2 = CFG on one GPU, 1 = one CFG-parallel rank")
     ap.add_argument("--variants", default="eager,compiled,graph")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rows", type=int, default=22, help="kernels listed per profile")
     ap.add_argument("--backend", default="sdpa")
     ap.add_argument("--preset", default="full")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (eager only)")
@@ -142,8 +143,8 @@ def main():
                 results[variant] = ms
                 print(f"{variant:<20} {a.pixels}^2 batch {a.batch}: {ms:7.2f} ms/step  (x50 = {ms * 0.05:.2f} s)  "
                       f"first call {first:6.1f} s  rel diff to eager {err:.1e}", flush=True)
-                if a.profile and base in ("eager", "compiled"):
-                    kernel_table(fn, variant)
+                if a.profile and base in ("eager", "compiled", "autotune"):
+                    kernel_table(fn, variant, rows=a.rows)
             except Exception as e:  # noqa: BLE001 - report and go on with the next variant
                 print(f"{variant} failed after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {str(e)[:300]}",
                       flush=True)

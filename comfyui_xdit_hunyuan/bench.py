@@ -14,7 +14,6 @@ import json
 import math
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -111,7 +110,8 @@ def run_bench(args) -> dict:
                                "cold_first_image_seconds": pool_start + first
                                if i_size == 0 and warm is job else None,
                                "ms_per_step": 1000 * m["seconds"] / args.steps,
-                               "ranks": client.last_stats.get("ranks")}
+                               "ranks": client.last_stats.get("ranks"),
+                               "overhead_parts": client.last_stats.get("overhead")}
                         jobs = [r.get("job_seconds") for r in row["ranks"] or [] if r.get("job_seconds")]
                         # submit -> latent back, beyond the ranks' own job time (of the last timed run)
                         row["pool_overhead_seconds"] = m["all_seconds"][-1] - max(jobs) if jobs else None
@@ -129,7 +129,9 @@ def run_bench(args) -> dict:
                               + (f"  x{row['speedup_vs_1gpu']:.2f}" if "speedup_vs_1gpu" in row else "")
                               + (f"  diff {row['rel_diff_vs_1gpu']:.2e}" if "rel_diff_vs_1gpu" in row else "")
                               + (f"  pool overhead {1000 * row['pool_overhead_seconds']:.0f} ms"
-                                 if row["pool_overhead_seconds"] is not None else ""),
+                                 if row["pool_overhead_seconds"] is not None else "")
+                              + ("  (" + ", ".join(f"{k} {1000 * v:.0f}" for k, v in row["overhead_parts"].items()
+                                                  if v is not None) + " ms)" if row["overhead_parts"] else ""),
                               flush=True)
                 finally:
                     client.close()
@@ -154,7 +156,8 @@ def best_table(report: dict) -> dict:
 
 
 def chart(report: dict, path: Path) -> bool:
-    """Latency per configuration, grouped by device count, one panel per resolution (seed's style)."""
+    """Latency per configuration, grouped by device count, one panel per resolution (seed's style). Of rows
+    measured more than once (merged runs), the first is drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -232,10 +235,15 @@ def merge(paths: list[str]) -> dict:
     """One report from several: rows keep the speed-up and difference measured against the 1-GPU run of
     their own call; each row records the file it came from."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [dict(r, run=Path(p).parent.name or Path(p).name) for p, rep in zip(paths, reports) for r in rep["results"]]
+    rows = [dict(r, run=_run_name(Path(p))) for p, rep in zip(paths, reports) for r in rep["results"]]
     devices = sorted({rep["device"] for rep in reports})
     return {"device": " / ".join(devices), "preset": reports[0]["preset"], "steps": reports[0]["steps"],
             "results": rows}
+
+
+def _run_name(path: Path) -> str:
+    """A run's label: its folder for a bench.json as written by a run, else the file's own name."""
+    return (path.parent.name or path.stem) if path.name == "bench.json" else path.stem
 
 
 def main(args) -> int:

@@ -87,6 +87,7 @@ class PoolClient:
         self.python, self.runtime = python, runtime
         self.log = log or logging.getLogger("comfyui_xdit_hunyuan.pool")
         self.last_stats: dict = {}
+        self._wall: dict = {}              # wall-clock marks of the current job (overhead breakdown)
         self._workers: list[_Worker] = []
         self._devices: list[str] | None = None
         self._tmp: str | None = None
@@ -285,6 +286,7 @@ class PoolClient:
         Jobs for the engine's runtime are checked first (checks.validate_job, against `model_config` or
         the shape read from the weights source), so a bad job never reaches a worker.
         """
+        submitted = time.time()
         if self.runtime == P.DEFAULT_RUNTIME:
             for warning in self._validate(job, plan, model_config):
                 self.log.warning(warning)
@@ -298,6 +300,7 @@ class PoolClient:
                                 f"plan for this pool's devices")
             self._job_id += 1
             wire, staged = self._wire_job(job)
+            self._wall = {"submitted": submitted, "answers": {}}
             try:
                 return self._run(self._job_id, wire, plan, staged, on_progress, cancel)
             finally:
@@ -318,6 +321,7 @@ class PoolClient:
         for w in self._workers:
             w.last_seen = time.monotonic()
             w.outbox.put(data)
+        self._wall["sent"] = time.time()
         try:
             while len(outcome) < len(self._workers):
                 busy = [w for w in self._workers if w.rank not in outcome]
@@ -340,6 +344,7 @@ class PoolClient:
                         if len(loaded) == len(self._workers):
                             _remove(staged)
                     elif kind in P.TERMINAL:
+                        self._wall["answers"][w.rank] = time.time()
                         if kind == P.ERROR and msg.get("kind") != P.ERROR_JOB:
                             raise self._fault(w, "failed during the job")
                         outcome[w.rank] = msg
@@ -381,13 +386,25 @@ class PoolClient:
         ranks = [outcome[r].get("stats", {}) for r in sorted(outcome)]
         steps = next((s["step_seconds"] for s in ranks if s.get("step_seconds")), [])   # the reporting rank
         self.last_stats = {"loads": ranks[0].get("loads"), "step_seconds": steps,
-                           "job_seconds": seconds, "ranks": ranks}
+                           "job_seconds": seconds, "ranks": ranks, "overhead": self._overhead(ranks)}
         if all("identity" in s for s in ranks):
             ids = {s["identity"] for s in ranks}
             self._loaded_identity = ids.pop() if len(ids) == 1 else None
         else:
             done = all(m["type"] == P.DONE for m in outcome.values())
             self._loaded_identity = job.weights.identity if done else None
+
+    def _overhead(self, ranks: list[dict]) -> dict | None:
+        """Where a job's time beyond the ranks' own work went (seconds): checks and wiring in the client,
+        delivery until the last rank started, and from the last rank's end to the last answer here."""
+        wall = self._wall
+        walls = [r.get("wall") or {} for r in ranks]
+        if not wall or "sent" not in wall or not all(w.get("started") and w.get("finished") for w in walls):
+            return None
+        answered = max(wall["answers"].values(), default=None)
+        return {"checks": wall["sent"] - wall["submitted"],
+                "delivery": max(w["started"] for w in walls) - wall["sent"],
+                "return": None if answered is None else answered - max(w["finished"] for w in walls)}
 
     def _result(self, outcome: dict[int, dict]) -> torch.Tensor:
         errors = [outcome[r] for r in sorted(outcome) if outcome[r]["type"] == P.ERROR]

@@ -103,6 +103,7 @@ class Worker:
                 os._exit(EXIT_PARENT_GONE)
             kind = msg.get("type")
             if kind == p.JOB:
+                msg["received_wall"] = time.time()
                 self._job_id = msg["id"]
                 self.cancel.clear()
                 self.busy.set()
@@ -182,7 +183,7 @@ class Worker:
         if self.args.device.startswith("cuda"):
             import torch
             torch.cuda.reset_peak_memory_stats(self.args.device)     # the stats report this job's peak
-        t0 = time.perf_counter()
+        t0, started_wall = time.perf_counter(), time.time()
         step_seconds: list[float] = []
         last = [t0]
 
@@ -210,6 +211,9 @@ class Worker:
             out.update(type=p.ERROR, kind=p.ERROR_FATAL, cls=type(e).__name__,
                        message=f"{type(e).__name__}: {e}", traceback=tb)
         out["stats"] = self._stats(time.perf_counter() - t0, step_seconds)
+        # wall-clock times (one host, one clock), for the client's breakdown of the pool's own overhead
+        out["stats"]["wall"] = {"received": msg.get("received_wall"), "started": started_wall,
+                                "finished": time.time()}
         self.busy.clear()        # before the answer: the next job's message (which sets it) comes after
         self.send(out)
 

@@ -121,7 +121,7 @@ class CrossAttentionLayer(nn.Module):
         k, v = self.kv_proj(text).view(b, s, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.k_norm is not None:
             k = layer_norm32(k, self.k_norm)
-        return k, v
+        return k.contiguous(), v.contiguous()     # one layout for every job (compiled code guards on it)
 
     def forward(self, x, text_kv, rope, backend: str):
         b, n, _ = x.shape
@@ -330,6 +330,14 @@ class HunyuanDiT(nn.Module):
         if cond.text.text_kv[block] is None:
             cond.text.text_kv[block] = blk.attn2.text_kv(cond.text.text)
         return cond.shifts[block], cond.text.text_kv[block]
+
+    def fill_text_kv(self, text: TextConditions) -> None:
+        """Compute every block's cross-attention K/V of `text` now (block_inputs computes them lazily)."""
+        if not text.text_kv:
+            text.text_kv = [None] * self.cfg.depth
+        for i, blk in enumerate(self.blocks):
+            if text.text_kv[i] is None:
+                text.text_kv[i] = blk.attn2.text_kv(text.text)
 
     def embed_image(self, x: torch.Tensor) -> torch.Tensor:
         """Latent [B, C, H, W] -> tokens [B, rows*cols, hidden]; odd sizes padded circularly (ComfyUI)."""

@@ -14,6 +14,7 @@ in which the patches not yet processed this step are one step stale.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -27,6 +28,7 @@ from ..model import HunyuanDiT, LocalAttention, TokenGrid
 from ..model.hunyuandit import TextConditions
 from ..plan import ParallelConfig
 from .layout import TokenLayout, even_split, offsets
+from .graphs import GraphCache
 from .mesh import Mesh
 from .sequence import KVBuffer, SequenceParallelAttention
 
@@ -98,7 +100,7 @@ class Runner:
 
     def __init__(self, model: HunyuanDiT, mesh: Mesh, plan: ParallelConfig, *, backend: str = "auto",
                  report: Callable[[dict], None] | None = None,
-                 cancel_requested: Callable[[], bool] | None = None):
+                 cancel_requested: Callable[[], bool] | None = None, graphs: GraphCache | None = None):
         self.model, self.mesh, self.plan, self.backend = model, mesh, plan, backend
         self.report = report or (lambda msg: None)
         self.cancel_requested = cancel_requested or (lambda: False)
@@ -122,6 +124,10 @@ class Runner:
             blks.sort()                                # both ends order a message by producer block
         self.kv_buffer = KVBuffer() if self.P > 1 else None
         self.reporter = self.last and mesh.index("cfg") == 0 and mesh.sp_index == 0
+        self.graphs = graphs                           # CUDA graphs of the local model call (or None)
+        self.token = object()                          # this run, for the graphs' per-job inputs
+        self.setup_seconds: float | None = None
+        self.setup_phases: dict = {}
 
     # ------------------------------------------------------------------ small helpers
     def _peer(self, **coords) -> int:
@@ -147,6 +153,14 @@ class Runner:
     # ------------------------------------------------------------------ the job
     @torch.no_grad()
     def run(self, job: Job) -> torch.Tensor | None:
+        t_start = t_mark = time.perf_counter()
+        self.setup_phases = {}                         # host seconds of each part of the set-up (stats)
+
+        def mark(name: str):
+            nonlocal t_mark
+            now = time.perf_counter()
+            self.setup_phases[name], t_mark = now - t_mark, now
+
         model, mesh = self.model, self.mesh
         cfg, dev, dt = model.cfg, model.device, model.dtype
         self.job = job
@@ -154,6 +168,7 @@ class Runner:
         sigmas = job.sigmas.to(torch.float32).cpu()
         steps = len(sigmas) - 1
         x = sampling.initial_latent(ms, sigmas, job.noise.float(), job.latent.float()).to(dev, torch.float32)
+        mark("latent")
         B, _, H, W = x.shape
         p = cfg.patch_size
         grid = TokenGrid(H, W, p)
@@ -175,16 +190,22 @@ class Runner:
             g.text = model.encode_text(**batched_kwargs(g.entries, B), batch=len(g.entries) * B)
         batches = [len(g.entries) * B for g in groups]
         self.weights = [side_weight(job.negative), side_weight(job.positive)]
+        mark("text")
 
-        if mesh.sp_degree == 1 and P == 1:
+        local = mesh.sp_degree == 1 and P == 1
+        if local:
             attn = LocalAttention(self.backend)        # traceable: stays inside compiled block graphs
+            for g in groups:
+                model.fill_text_kv(g.text)             # every block's text K/V, once per job
         else:
             attn = SequenceParallelAttention(mesh, layout, self.backend, self.kv_buffer)
+        mark("attention")
         evals = list(zip(sampling.evaluation_sigmas(job.sampler, sigmas, job.sampler_options),
                          sampling.evaluation_steps(job.sampler, sigmas, job.sampler_options)))
         warm = self.plan.warmup_steps if P > 1 else steps + 1
         # timesteps of every evaluation, moved to the device once (a per-step copy would wait for the GPU)
         timesteps = ms.timestep(torch.tensor([sg for sg, _ in evals], dtype=torch.float32)).to(dev)
+        mark("schedule")
         self.pending = _Pending()
 
         samplers, inputs, x0 = None, [None] * M, None
@@ -199,6 +220,8 @@ class Runner:
                         for a, b in patch_rows]
             x0 = torch.zeros_like(x) if self.reporter else None
         x_cur = x.clone() if self.first else None      # stage 0: the latest model input of every patch
+        mark("samplers")
+        self.setup_seconds = time.perf_counter() - t_start   # host time before the first step (stats)
 
         for e, (sigma, step_i) in enumerate(evals):
             if self._agree_cancel():
@@ -211,52 +234,59 @@ class Runner:
                 for m in range(M):
                     inputs[m] = samplers[m].next_input()[0]
                     self._send(0, inputs[m], 0, "latent")
-            conds = [model.conditions(g.text, timesteps[e:e + 1]) for g in groups]
+            conds = None if local else [model.conditions(g.text, timesteps[e:e + 1]) for g in groups]
             views = [list(range(M))] if step_i < warm else [[m] for m in range(M)]
             for view in views:
                 ranges = layout.ranges(view, mesh.index("ring"), mesh.index("ulysses"))
                 n_mine = sum(b - a for a, b in ranges)
                 r0, r1 = patch_rows[view[0]][0], patch_rows[view[-1]][1]
-                # ---- stage input: tokens of my pieces, for every call group
-                if self.first:
+                if local:            # one stage, no sequence split: the whole model call (graphed on GPUs)
                     for m in view:
-                        a, b = patch_rows[m]
-                        if P > 1:
-                            x_cur[:, :, a:b] = self._recv(x_cur[:, :, a:b].shape, torch.float32, P - 1, "latent")
-                        else:
-                            inputs[m] = samplers[m].next_input()[0]
-                            x_cur[:, :, a:b] = inputs[m]
+                        inputs[m] = samplers[m].next_input()[0]
+                        x_cur[:, :, patch_rows[m][0]:patch_rows[m][1]] = inputs[m]
                     xin = ms.calculate_input(torch.tensor(sigma), _padded_rows(x_cur, r0, r1, p))
-                    tok = model.embed_image(xin)
-                    v0 = layout.patch_tokens(view[0])[0]
-                    tok = torch.cat([tok[:, a - v0:b - v0] for a, b in ranges], dim=1)
-                    hidden = torch.cat([tok.repeat(n // B, 1, 1) for n in batches])
+                    out_tok = self._evaluate_local(xin, timesteps[e:e + 1], groups, rope_full, attn, batches)
                 else:
-                    hidden = self._recv((sum(batches), n_mine, cfg.hidden_size), dt, self.stage - 1, "hidden")
-                skips_in = {}
-                for src, blks in sorted(self.skip_from.items()):
-                    buf = self._recv((len(blks), sum(batches), n_mine, cfg.hidden_size), dt, src, "skip")
-                    skips_in.update(zip(blks, buf.unbind(0)))
-                # ---- my blocks, per call group
-                if tuple(view) not in rope_of:
-                    rope_of[tuple(view)] = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in rope_full)
-                rope = rope_of[tuple(view)]
-                attn.patches = view
-                outs, produced = [], []
-                for gi, (cond, part) in enumerate(zip(conds, hidden.split(batches))):
-                    attn.key = gi
-                    o = sum(batches[:gi])
-                    skips = {blk: s[o:o + batches[gi]] for blk, s in skips_in.items()}
-                    outs.append(model.run_blocks(part, cond, rope, self.blocks, skips, attn))
-                    produced.append(skips)
-                for dst, blks in sorted(self.skip_to.items()):
-                    self._send(e, torch.stack([torch.cat([s[b] for s in produced]) for b in blks]), dst, "skip")
-                if not self.last:
-                    self._send(e, torch.cat(outs), self.stage + 1, "hidden")
-                    continue
-                # ---- last stage: prediction, guidance, sampler step of each patch in the view
-                out_tok = torch.cat([model.final_tokens(o, c) for o, c in zip(outs, conds)])
-                out_tok = self._gather_sp(out_tok, layout, view, ranges)
+                    # ---- stage input: tokens of my pieces, for every call group
+                    if self.first:
+                        for m in view:
+                            a, b = patch_rows[m]
+                            if P > 1:
+                                x_cur[:, :, a:b] = self._recv(x_cur[:, :, a:b].shape, torch.float32, P - 1, "latent")
+                            else:
+                                inputs[m] = samplers[m].next_input()[0]
+                                x_cur[:, :, a:b] = inputs[m]
+                        xin = ms.calculate_input(torch.tensor(sigma), _padded_rows(x_cur, r0, r1, p))
+                        tok = model.embed_image(xin)
+                        v0 = layout.patch_tokens(view[0])[0]
+                        tok = torch.cat([tok[:, a - v0:b - v0] for a, b in ranges], dim=1)
+                        hidden = torch.cat([tok.repeat(n // B, 1, 1) for n in batches])
+                    else:
+                        hidden = self._recv((sum(batches), n_mine, cfg.hidden_size), dt, self.stage - 1, "hidden")
+                    skips_in = {}
+                    for src, blks in sorted(self.skip_from.items()):
+                        buf = self._recv((len(blks), sum(batches), n_mine, cfg.hidden_size), dt, src, "skip")
+                        skips_in.update(zip(blks, buf.unbind(0)))
+                    # ---- my blocks, per call group
+                    if tuple(view) not in rope_of:
+                        rope_of[tuple(view)] = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in rope_full)
+                    rope = rope_of[tuple(view)]
+                    attn.patches = view
+                    outs, produced = [], []
+                    for gi, (cond, part) in enumerate(zip(conds, hidden.split(batches))):
+                        attn.key = gi
+                        o = sum(batches[:gi])
+                        skips = {blk: s[o:o + batches[gi]] for blk, s in skips_in.items()}
+                        outs.append(model.run_blocks(part, cond, rope, self.blocks, skips, attn))
+                        produced.append(skips)
+                    for dst, blks in sorted(self.skip_to.items()):
+                        self._send(e, torch.stack([torch.cat([s[b] for s in produced]) for b in blks]), dst, "skip")
+                    if not self.last:
+                        self._send(e, torch.cat(outs), self.stage + 1, "hidden")
+                        continue
+                    # ---- last stage: prediction, guidance, sampler step of each patch in the view
+                    out_tok = torch.cat([model.final_tokens(o, c) for o, c in zip(outs, conds)])
+                    out_tok = self._gather_sp(out_tok, layout, view, ranges)
                 rows_tok = (layout.patch_row_start[view[0]],
                             layout.patch_row_start[view[-1]] + layout.patch_rows[view[-1]])
                 v_pred = model.unpatchify(out_tok, grid, rows=rows_tok)
@@ -280,6 +310,38 @@ class Runner:
         return self._finish(ms, sigmas, samplers, x.shape)
 
     # ------------------------------------------------------------------ pieces of the loop
+    def _local_tokens(self, xin, t, texts: list[TextConditions], rope, attn, batches: list[int]) -> torch.Tensor:
+        """Final-layer tokens of every call group for the whole latent: one stage, no sequence split."""
+        model, B = self.model, xin.shape[0]
+        tok = model.embed_image(xin)
+        outs = []
+        for gi, (text, n) in enumerate(zip(texts, batches)):
+            attn.key = gi
+            cond = model.conditions(text, t)
+            o = model.run_blocks(tok.repeat(n // B, 1, 1), cond, rope, self.blocks, {}, attn)
+            outs.append(model.final_tokens(o, cond))
+        return torch.cat(outs)
+
+    def _evaluate_local(self, xin, t, groups: list[CallGroup], rope, attn, batches: list[int]) -> torch.Tensor:
+        """_local_tokens, through a CUDA graph when the runtime keeps graphs: the same function on fixed
+        buffers; its inputs are the scaled latent and the timestep (per step) and each group's pooled text
+        vector and text K/V (per job). The result is valid until the next evaluation."""
+        if self.graphs is None:
+            return self._local_tokens(xin, t, [g.text for g in groups], rope, attn, batches)
+        depth = len(self.model.blocks)
+        per_job = [tt for g in groups for tt in (g.text.extra, *(x for kv in g.text.text_kv for x in kv))]
+
+        def fn(xin, t, *flat):
+            texts = []
+            for i in range(len(groups)):
+                part = flat[i * (1 + 2 * depth):(i + 1) * (1 + 2 * depth)]
+                texts.append(TextConditions(text=None, extra=part[0],
+                                            text_kv=[(part[1 + 2 * j], part[2 + 2 * j]) for j in range(depth)]))
+            return self._local_tokens(xin, t, texts, rope, attn, batches)
+
+        key = ("local", tuple(batches), attn.backend, self.model.cross_backend, tuple(self.blocks))
+        return self.graphs(key, fn, [xin, t], per_job, job=self.token, keep=tuple(rope))
+
     def _gather_sp(self, tok: torch.Tensor, layout: TokenLayout, view: list[int], ranges) -> torch.Tensor:
         """Final-layer tokens of my pieces -> tokens of the whole view, on every rank of the SP group."""
         mesh = self.mesh

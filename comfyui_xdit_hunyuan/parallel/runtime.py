@@ -2,6 +2,7 @@
 mesh per set of degrees, and runs jobs with the Runner."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ from ..job import Job, JobError
 from ..model import HunyuanDiT
 from ..model.attention import resolve_backend
 from ..plan import ParallelConfig
+from .graphs import GraphCache, graphs_enabled
 from .mesh import build_mesh
 from .runner import Runner
 
@@ -42,11 +44,20 @@ class RankRuntime:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            # GPU ranks do little CPU math (each job's set-up). One OpenMP team per core in every rank would
+            # oversubscribe the host, and each small CPU op would then wait at OpenMP barriers.
+            cap = max(1, min(8, (os.cpu_count() or 1) // (2 * world_size)))
+            torch.set_num_threads(min(torch.get_num_threads(), cap))
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model: HunyuanDiT | None = None
         self.identity: str | None = None
         self.loads = 0                              # real weight loads (tests assert reuse)
         self.meshes: dict[tuple, object] = {}
+        self.last_setup_seconds: float | None = None   # host time of the last job before its first step
+        self.last_setup_phases: dict = {}
+        # CUDA graphs of the model call where it does not communicate (one GPU, CFG parallel); they hold
+        # the weights' addresses, so they are dropped whenever the weights change
+        self.graphs = GraphCache() if graphs_enabled(self.device) else None
         # CPU group for agreeing on cancellation without touching the GPU stream
         self.ctrl = dist.new_group(backend="gloo") if world_size > 1 else None
 
@@ -61,6 +72,8 @@ class RankRuntime:
         if ref.source is None:
             raise JobError("the workers do not hold these weights and none were sent; submit the job again")
         self.model = None                           # free the old weights first
+        if self.graphs is not None:
+            self.graphs.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.model = build_weights(ref.source, dtype=self.dtype, device=self.device)
@@ -98,5 +111,17 @@ class RankRuntime:
         # self-attention runs inside the compiled block graphs only without sequence parallelism / PipeFusion
         in_graph = plan.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
         backend = resolve_backend(plan.attention, self.device, self.dtype, in_graph=in_graph)
-        runner = Runner(self.model, mesh, plan, backend=backend, report=report, cancel_requested=cancel_requested)
-        return runner.run(job)
+        runner = Runner(self.model, mesh, plan, backend=backend, report=report, cancel_requested=cancel_requested,
+                        graphs=self.graphs)
+        try:
+            return runner.run(job)
+        finally:
+            self.last_setup_seconds = runner.setup_seconds
+            self.last_setup_phases = runner.setup_phases
+
+    def stats(self) -> dict:
+        """Extra per-job statistics for the client (worker.main adds them to the job's answer)."""
+        g = self.graphs
+        graphs = None if g is None else {"entries": len(g.entries), "captures": g.captures, "failures": g.failures}
+        return {"setup_seconds": self.last_setup_seconds, "setup_phases": self.last_setup_phases,
+                "cuda_graphs": graphs, "cpu_threads": torch.get_num_threads()}

@@ -1,0 +1,125 @@
+"""CUDA graphs of whole model evaluations, for ranks whose model call does not communicate (one GPU, CFG
+parallel).
+
+At batch 1 (a CFG-parallel rank) or small sizes the GPU finishes a step's ~1,500 kernels faster than Python
+launches them; replaying one recorded graph per step makes the step GPU-bound. The graphed function is the
+very function the eager path calls, on fixed buffers:
+- per-step inputs (the scaled latent, the timestep) are copied into the graph's buffers at every step;
+- per-job inputs (pooled text vector, every block's text K/V) are copied once when a new job uses the graph;
+- the first call for a shape runs the function outside any graph (compilation, kernel selection, and the
+  step's result); the second records the graph; later calls (this job and every later job of the same
+  shape) replay it.
+The outputs live in the graph's memory: they are valid until the next call with the same key, which is how
+the sampling loop uses them (consumed within the step).
+
+A graph holds the addresses of the weights and of everything it reads: the cache is cleared whenever the
+weights change, and each entry keeps the tensors it reads (RoPE tables) alive.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger("comfyui_xdit_hunyuan")
+
+ENV = "XDIT_HUNYUAN_CUDA_GRAPHS"
+
+
+def graphs_enabled(device: torch.device) -> bool:
+    """CUDA graphs on CUDA devices unless XDIT_HUNYUAN_CUDA_GRAPHS=0 (or torch.compile's own graphs are
+    requested with XDIT_HUNYUAN_COMPILE_MODE=reduce-overhead, which would nest)."""
+    if device.type != "cuda":
+        return False
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return "reduce-overhead" not in (os.environ.get("XDIT_HUNYUAN_COMPILE_MODE") or "")
+
+
+class CudaRecorder:
+    """Records with torch.cuda.CUDAGraph (each graph in its own memory pool)."""
+
+    def record(self, fn: Callable, args: Sequence[torch.Tensor]):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(*args)
+        return graph.replay, out
+
+
+@dataclass
+class _Entry:
+    step_in: list[torch.Tensor]
+    job_in: list[torch.Tensor]
+    keep: tuple = ()
+    replay: Callable | None = None
+    out: object = None
+    failed: bool = False
+    job: object = None
+    calls: int = 0
+    replays: int = 0
+
+
+class GraphCache:
+    """Graphs of one function family, keyed by everything that fixes the recorded work (shapes, dtypes,
+    strides, call layout). Least recently used entries beyond `max_entries` are dropped (their memory goes
+    back to the allocator)."""
+
+    def __init__(self, recorder=None, max_entries: int = 3):
+        self.recorder = recorder or CudaRecorder()
+        self.max_entries = max_entries
+        self.entries: OrderedDict = OrderedDict()
+        self.captures = 0
+        self.failures = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    @staticmethod
+    def signature(tensors: Sequence[torch.Tensor]) -> tuple:
+        return tuple((tuple(t.shape), t.dtype, tuple(t.stride()), str(t.device)) for t in tensors)
+
+    def __call__(self, key: tuple, fn: Callable, step_in: Sequence[torch.Tensor], job_in: Sequence[torch.Tensor],
+                 *, job: object, keep: tuple = ()):
+        """fn(*step_in, *job_in) through the graph of `key` (which must determine fn's work given the
+        signatures of the inputs, which are added to it). `job` identifies the job: per-job inputs are copied
+        when it changes."""
+        key = (key, self.signature(step_in), self.signature(job_in))
+        e = self.entries.get(key)
+        if e is None:
+            e = _Entry(step_in=[_static(t) for t in step_in], job_in=[_static(t) for t in job_in], keep=keep)
+            self.entries[key] = e
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        self.entries.move_to_end(key)
+        for dst, src in zip(e.step_in, step_in):
+            dst.copy_(src)
+        if e.job is not job:
+            for dst, src in zip(e.job_in, job_in):
+                dst.copy_(src)
+            e.job = job
+        e.calls += 1
+        args = (*e.step_in, *e.job_in)
+        if e.failed or e.calls == 1:
+            return fn(*args)             # first call: compile, pick kernels, warm up; outside any graph
+        if e.replay is None:
+            try:
+                e.replay, e.out = self.recorder.record(fn, args)
+                self.captures += 1
+            except Exception as err:  # noqa: BLE001 - a failed recording falls back to the eager call
+                e.failed = True
+                self.failures += 1
+                log.warning("xDiT: CUDA graph recording failed (%s: %s); this shape runs without graphs",
+                            type(err).__name__, err)
+                return fn(*args)
+        e.replay()
+        e.replays += 1
+        return e.out
+
+
+def _static(t: torch.Tensor) -> torch.Tensor:
+    """A buffer of t's shape, dtype, device and strides."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)

@@ -1,0 +1,113 @@
+"""CUDA graphs of the local model call (one GPU, CFG parallel), with the recording replaced by a CPU stand-in
+that behaves like a graph: a replay re-runs the recorded function on the graph's own buffers and writes into
+the same output tensor. So a per-job input that is not copied into those buffers, a stale output, or a key
+that mixes two shapes gives a wrong latent here, as it would on a GPU. (Real graphs are checked on GPUs by
+bench/gpu_checks.py: graphed vs not, same latent.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_xdit_hunyuan.parallel import graphs as graphs_mod
+from comfyui_xdit_hunyuan.parallel.graphs import GraphCache, graphs_enabled
+from comfyui_xdit_hunyuan.parallel.runtime import RankRuntime
+from comfyui_xdit_hunyuan.plan import ParallelConfig
+from comfyui_xdit_hunyuan.tiny import preset, random_cond
+from tests.parallel_harness import PRESET, make_job
+
+
+class ReplayOnBuffers:
+    """Records by running fn once on the buffers; a replay runs it again there, into the same output."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.records = fail, 0
+
+    def record(self, fn, args):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.records += 1
+        out = fn(*args)
+
+        def replay():
+            out.copy_(fn(*args))
+        return replay, out
+
+
+def _runtime(graphs):
+    rt = RankRuntime(ParallelConfig(devices="cpu:1"), 0, 1, "cpu")
+    rt.graphs = graphs
+    return rt
+
+
+def _run(rt, job):
+    return rt.run(job, ParallelConfig(devices="cpu:1"), report=lambda m: None, cancel_requested=lambda: False)
+
+
+def test_graphed_runs_equal_plain_runs_across_jobs_and_shapes():
+    other_prompt = [random_cond(preset(PRESET), 11, hw=(128, 128))]
+    jobs = [make_job(steps=4, seed=1),
+            make_job(steps=4, seed=2, cfg=3.0, positive=other_prompt),              # same shape, new prompt
+            make_job(h=16, w=24, steps=3, seed=3),                                  # another shape
+            make_job(steps=3, seed=4, cfg=1.0),                                     # no uncond: batch 1
+            make_job(steps=4, seed=5)]                                              # the first shape again
+    plain = [_run(_runtime(None), j) for j in jobs]
+    rec = ReplayOnBuffers()
+    rt = _runtime(GraphCache(rec, max_entries=2))
+    graphed = [_run(rt, j) for j in jobs]
+    for i, (a, b) in enumerate(zip(plain, graphed)):
+        assert torch.equal(a, b), f"job {i}: graphed latent differs by {(a - b).abs().max().item()}"
+    assert not torch.equal(plain[0], plain[1])
+    g = rt.graphs
+    assert rec.records == g.captures == 4           # shapes (16,16)x2, (16,24)x2, (16,16)x1, again (16,16)x2
+    assert len(g.entries) == 2 and g.failures == 0   # evicted beyond max_entries
+    assert sum(e.replays for e in g.entries.values()) > 0
+
+
+def test_a_failed_recording_falls_back_to_the_plain_call():
+    job = make_job(steps=3, seed=1)
+    ref = _run(_runtime(None), job)
+    rt = _runtime(GraphCache(ReplayOnBuffers(fail=True)))
+    assert torch.equal(_run(rt, job), ref)
+    assert torch.equal(_run(rt, job), ref)
+    assert rt.graphs.failures == 1 and rt.graphs.captures == 0    # not retried for that shape
+
+
+def test_new_weights_drop_the_graphs():
+    job = make_job(steps=3)
+    rt = _runtime(GraphCache(ReplayOnBuffers()))
+    _run(rt, job)
+    assert rt.graphs.entries
+    rt.ensure_weights(type(job.weights)("random:5:tiny", "random:5:tiny"))
+    assert not rt.graphs.entries
+    other = make_job(steps=3)
+    other.weights = type(job.weights)("random:5:tiny", "random:5:tiny")
+    assert torch.equal(_run(rt, other), _run(_runtime(None), other))
+
+
+def test_cache_keys_by_signature_and_copies_job_inputs_once():
+    def fn(a, b):
+        return a * 2 + b
+
+    rec = ReplayOnBuffers()
+    g = GraphCache(rec)
+    x, y = torch.ones(3), torch.full((3,), 5.0)
+    job1, job2 = object(), object()
+    assert torch.equal(g("k", fn, [x], [y], job=job1), torch.full((3,), 7.0))     # plain first call
+    assert torch.equal(g("k", fn, [x * 2], [y], job=job1), torch.full((3,), 9.0))  # recorded + replayed
+    assert torch.equal(g("k", fn, [x], [y * 0], job=job2), torch.full((3,), 2.0))  # new job: b copied
+    assert torch.equal(g("k", fn, [x], [y], job=job2), torch.full((3,), 2.0))      # same job: b not re-read
+    assert g("k", fn, [torch.ones(2, 3)], [y], job=job2).shape == (2, 3)           # new signature: new entry
+    assert len(g.entries) == 2 and rec.records == 1
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_graphs_enabled_only_on_cuda_and_by_the_variable(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(graphs_mod.ENV, raising=False)
+    else:
+        monkeypatch.setenv(graphs_mod.ENV, value)
+    monkeypatch.delenv("XDIT_HUNYUAN_COMPILE_MODE", raising=False)
+    assert graphs_enabled(torch.device("cuda")) is expected
+    assert graphs_enabled(torch.device("cpu")) is False
+    monkeypatch.setenv("XDIT_HUNYUAN_COMPILE_MODE", "reduce-overhead")
+    assert graphs_enabled(torch.device("cuda")) is False
