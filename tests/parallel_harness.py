@@ -18,6 +18,7 @@ from comfyui_xdit_hunyuan import sampling
 from comfyui_xdit_hunyuan.job import Job, JobCancelled, WeightsRef
 from comfyui_xdit_hunyuan.model import TokenGrid
 from comfyui_xdit_hunyuan.model.attention import attention
+from comfyui_xdit_hunyuan.parallel.graphs import GraphCache
 from comfyui_xdit_hunyuan.parallel.runtime import RankRuntime
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from comfyui_xdit_hunyuan.tiny import preset, random_cond, random_model
@@ -43,12 +44,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, plan, jobs, cancel_at, out):
+class ReplayOnBuffers:
+    """Stands for CUDA graph recording on the CPU: records by running fn once on the graph's buffers; a
+    replay runs it again there (collectives included), into the same output tensor."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.records = fail, 0
+
+    def record(self, fn, args):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.records += 1
+        out = fn(*args)
+
+        def replay():
+            out.copy_(fn(*args))
+        return replay, out
+
+
+def _rank_main(rank, world, port, plan, jobs, cancel_at, out, graphs=False):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     rt = RankRuntime(plan, rank, world, "cpu")
+    if graphs:
+        rt.graphs = GraphCache(ReplayOnBuffers(), max_entries=2)
     results = []
     for j, job in enumerate(jobs):
         calls = {"n": 0}
@@ -62,6 +83,8 @@ def _rank_main(rank, world, port, plan, jobs, cancel_at, out):
             results.append(rt.run(job, plan, report=lambda m: None, cancel_requested=cancel))
         except JobCancelled:
             results.append("JobCancelled")
+    if graphs:
+        results.append({"captures": rt.graphs.captures, "replays": sum(e.replays for e in rt.graphs.entries.values())})
     if rank == 0:
         torch.save(results, out)
     if world > 1:
@@ -69,10 +92,12 @@ def _rank_main(rank, world, port, plan, jobs, cancel_at, out):
         dist.destroy_process_group()
 
 
-def run_on_mesh(plan: ParallelConfig, jobs: list[Job], cancel_at: dict | None = None) -> list:
+def run_on_mesh(plan: ParallelConfig, jobs: list[Job], cancel_at: dict | None = None, graphs: bool = False) -> list:
+    """graphs: the ranks keep a graph cache whose recording is ReplayOnBuffers (CPU stand-in); rank 0's
+    graph counts are then appended to the results."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "results.pt")
-        args = (plan.world_size, _free_port(), plan, jobs, cancel_at or {}, out)
+        args = (plan.world_size, _free_port(), plan, jobs, cancel_at or {}, out, graphs)
         if plan.world_size == 1:
             _rank_main(0, *args)
         else:

@@ -9,28 +9,11 @@ import pytest
 import torch
 
 from comfyui_xdit_hunyuan.parallel import graphs as graphs_mod
-from comfyui_xdit_hunyuan.parallel.graphs import GraphCache, graphs_enabled
+from comfyui_xdit_hunyuan.parallel.graphs import GraphCache, graphs_mode
 from comfyui_xdit_hunyuan.parallel.runtime import RankRuntime
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from comfyui_xdit_hunyuan.tiny import preset, random_cond
-from tests.parallel_harness import PRESET, make_job
-
-
-class ReplayOnBuffers:
-    """Records by running fn once on the buffers; a replay runs it again there, into the same output."""
-
-    def __init__(self, fail: bool = False):
-        self.fail, self.records = fail, 0
-
-    def record(self, fn, args):
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        self.records += 1
-        out = fn(*args)
-
-        def replay():
-            out.copy_(fn(*args))
-        return replay, out
+from tests.parallel_harness import PRESET, ReplayOnBuffers, make_job, run_on_mesh
 
 
 def _runtime(graphs):
@@ -100,14 +83,30 @@ def test_cache_keys_by_signature_and_copies_job_inputs_once():
     assert len(g.entries) == 2 and rec.records == 1
 
 
-@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False), ("off", False)])
-def test_graphs_enabled_only_on_cuda_and_by_the_variable(monkeypatch, value, expected):
+@pytest.mark.parametrize("value,expected", [(None, "all"), ("1", "all"), ("local", "local"), ("0", None),
+                                            ("off", None)])
+def test_graphs_mode_on_cuda_only_and_by_the_variable(monkeypatch, value, expected):
     if value is None:
         monkeypatch.delenv(graphs_mod.ENV, raising=False)
     else:
         monkeypatch.setenv(graphs_mod.ENV, value)
     monkeypatch.delenv("XDIT_HUNYUAN_COMPILE_MODE", raising=False)
-    assert graphs_enabled(torch.device("cuda")) is expected
-    assert graphs_enabled(torch.device("cpu")) is False
+    assert graphs_mode(torch.device("cuda")) == expected
+    assert graphs_mode(torch.device("cpu")) is None
     monkeypatch.setenv("XDIT_HUNYUAN_COMPILE_MODE", "reduce-overhead")
-    assert graphs_enabled(torch.device("cuda")) is False
+    assert graphs_mode(torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("degrees", [dict(cfg_degree=2), dict(ulysses_degree=2), dict(ring_degree=2)])
+def test_graphed_ranks_equal_plain_ranks(degrees):
+    """Two gloo ranks: the graphed whole-model call (for Ulysses / Ring with its collectives inside) gives
+    the same latents as the plain call, over two jobs of one shape and one of another."""
+    plan = ParallelConfig(devices="cpu:2", **degrees)
+    other_prompt = [random_cond(preset(PRESET), 11, hw=(128, 128))]
+    jobs = [make_job(steps=3, seed=1), make_job(steps=3, seed=2, positive=other_prompt),
+            make_job(h=16, w=24, steps=3, seed=3)]
+    plain = run_on_mesh(plan, jobs)
+    *graphed, counts = run_on_mesh(plan, jobs, graphs=True)
+    assert counts["captures"] == 2 and counts["replays"] >= 2, counts
+    for i, (a, b) in enumerate(zip(plain, graphed)):
+        assert torch.equal(a, b), f"job {i}: {(a - b).abs().max().item()}"

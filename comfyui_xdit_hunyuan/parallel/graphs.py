@@ -1,8 +1,9 @@
-"""CUDA graphs of whole model evaluations, for ranks whose model call does not communicate (one GPU, CFG
-parallel).
+"""CUDA graphs of whole model evaluations, for ranks that run the whole model per evaluation (no PipeFusion):
+one GPU and CFG parallel, and Ulysses / Ring, whose collectives are then recorded into the graph.
 
-At batch 1 (a CFG-parallel rank) or small sizes the GPU finishes a step's ~1,500 kernels faster than Python
-launches them; replaying one recorded graph per step makes the step GPU-bound. The graphed function is the
+At batch 1 (a CFG-parallel rank), with sequence parallelism, or at small sizes the GPU finishes a step's
+~1,500 kernels faster than Python launches them; replaying one recorded graph per step makes the step
+GPU-bound. The graphed function is the
 very function the eager path calls, on fixed buffers:
 - per-step inputs (the scaled latent, the timestep) are copied into the graph's buffers at every step;
 - per-job inputs (pooled text vector, every block's text K/V) are copied once when a new job uses the graph;
@@ -30,14 +31,18 @@ log = logging.getLogger("comfyui_xdit_hunyuan")
 ENV = "XDIT_HUNYUAN_CUDA_GRAPHS"
 
 
-def graphs_enabled(device: torch.device) -> bool:
-    """CUDA graphs on CUDA devices unless XDIT_HUNYUAN_CUDA_GRAPHS=0 (or torch.compile's own graphs are
-    requested with XDIT_HUNYUAN_COMPILE_MODE=reduce-overhead, which would nest)."""
+def graphs_mode(device: torch.device) -> str | None:
+    """None (no graphs: CPU devices, XDIT_HUNYUAN_CUDA_GRAPHS=0, or torch.compile's own graphs requested with
+    XDIT_HUNYUAN_COMPILE_MODE=reduce-overhead, which would nest), "local" (=local: only model calls without
+    collectives: one GPU, CFG parallel) or "all" (the default on CUDA: Ulysses / Ring too)."""
     if device.type != "cuda":
-        return False
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return "reduce-overhead" not in (os.environ.get("XDIT_HUNYUAN_COMPILE_MODE") or "")
+        return None
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return None
+    if "reduce-overhead" in (os.environ.get("XDIT_HUNYUAN_COMPILE_MODE") or ""):
+        return None
+    return "local" if value == "local" else "all"
 
 
 class CudaRecorder:
@@ -68,8 +73,9 @@ class GraphCache:
     strides, call layout). Least recently used entries beyond `max_entries` are dropped (their memory goes
     back to the allocator)."""
 
-    def __init__(self, recorder=None, max_entries: int = 3):
+    def __init__(self, recorder=None, max_entries: int = 3, collectives: bool = True):
         self.recorder = recorder or CudaRecorder()
+        self.collectives = collectives      # also graph model calls that communicate (Ulysses, Ring)
         self.max_entries = max_entries
         self.entries: OrderedDict = OrderedDict()
         self.captures = 0

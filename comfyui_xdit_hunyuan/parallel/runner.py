@@ -124,7 +124,7 @@ class Runner:
             blks.sort()                                # both ends order a message by producer block
         self.kv_buffer = KVBuffer() if self.P > 1 else None
         self.reporter = self.last and mesh.index("cfg") == 0 and mesh.sp_index == 0
-        self.graphs = graphs                           # CUDA graphs of the local model call (or None)
+        self.graphs = graphs                           # CUDA graphs of the whole model call (or None)
         self.token = object()                          # this run, for the graphs' per-job inputs
         self.setup_seconds: float | None = None
         self.setup_phases: dict = {}
@@ -192,13 +192,14 @@ class Runner:
         self.weights = [side_weight(job.negative), side_weight(job.positive)]
         mark("text")
 
-        local = mesh.sp_degree == 1 and P == 1
-        if local:
+        whole = P == 1                                 # one stage: the whole model call per evaluation
+        if mesh.sp_degree == 1 and P == 1:
             attn = LocalAttention(self.backend)        # traceable: stays inside compiled block graphs
-            for g in groups:
-                model.fill_text_kv(g.text)             # every block's text K/V, once per job
         else:
             attn = SequenceParallelAttention(mesh, layout, self.backend, self.kv_buffer)
+        if whole:
+            for g in groups:
+                model.fill_text_kv(g.text)             # every block's text K/V, once per job
         mark("attention")
         evals = list(zip(sampling.evaluation_sigmas(job.sampler, sigmas, job.sampler_options),
                          sampling.evaluation_steps(job.sampler, sigmas, job.sampler_options)))
@@ -234,18 +235,22 @@ class Runner:
                 for m in range(M):
                     inputs[m] = samplers[m].next_input()[0]
                     self._send(0, inputs[m], 0, "latent")
-            conds = None if local else [model.conditions(g.text, timesteps[e:e + 1]) for g in groups]
+            conds = None if whole else [model.conditions(g.text, timesteps[e:e + 1]) for g in groups]
             views = [list(range(M))] if step_i < warm else [[m] for m in range(M)]
             for view in views:
                 ranges = layout.ranges(view, mesh.index("ring"), mesh.index("ulysses"))
                 n_mine = sum(b - a for a, b in ranges)
                 r0, r1 = patch_rows[view[0]][0], patch_rows[view[-1]][1]
-                if local:            # one stage, no sequence split: the whole model call (graphed on GPUs)
+                if whole:            # one stage: the whole model call (graphed on GPUs)
                     for m in view:
                         inputs[m] = samplers[m].next_input()[0]
                         x_cur[:, :, patch_rows[m][0]:patch_rows[m][1]] = inputs[m]
                     xin = ms.calculate_input(torch.tensor(sigma), _padded_rows(x_cur, r0, r1, p))
-                    out_tok = self._evaluate_local(xin, timesteps[e:e + 1], groups, rope_full, attn, batches)
+                    if tuple(view) not in rope_of:
+                        rope_of[tuple(view)] = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in rope_full)
+                    attn.patches = view
+                    out_tok = self._evaluate_whole(xin, timesteps[e:e + 1], groups, rope_of[tuple(view)], attn,
+                                                   batches, (layout, view, ranges))
                 else:
                     # ---- stage input: tokens of my pieces, for every call group
                     if self.first:
@@ -310,24 +315,30 @@ class Runner:
         return self._finish(ms, sigmas, samplers, x.shape)
 
     # ------------------------------------------------------------------ pieces of the loop
-    def _local_tokens(self, xin, t, texts: list[TextConditions], rope, attn, batches: list[int]) -> torch.Tensor:
-        """Final-layer tokens of every call group for the whole latent: one stage, no sequence split."""
+    def _whole_tokens(self, xin, t, texts: list[TextConditions], rope, attn, batches: list[int], where) -> torch.Tensor:
+        """Final-layer tokens of every call group for the whole latent: one stage; with sequence parallelism
+        this rank runs its token pieces and the tokens of the whole image are gathered at the end."""
         model, B = self.model, xin.shape[0]
+        layout, view, ranges = where
         tok = model.embed_image(xin)
+        if self.mesh.sp_degree > 1:
+            tok = torch.cat([tok[:, a:b] for a, b in ranges], dim=1)
         outs = []
         for gi, (text, n) in enumerate(zip(texts, batches)):
             attn.key = gi
             cond = model.conditions(text, t)
             o = model.run_blocks(tok.repeat(n // B, 1, 1), cond, rope, self.blocks, {}, attn)
             outs.append(model.final_tokens(o, cond))
-        return torch.cat(outs)
+        return self._gather_sp(torch.cat(outs), layout, view, ranges)
 
-    def _evaluate_local(self, xin, t, groups: list[CallGroup], rope, attn, batches: list[int]) -> torch.Tensor:
-        """_local_tokens, through a CUDA graph when the runtime keeps graphs: the same function on fixed
-        buffers; its inputs are the scaled latent and the timestep (per step) and each group's pooled text
-        vector and text K/V (per job). The result is valid until the next evaluation."""
-        if self.graphs is None:
-            return self._local_tokens(xin, t, [g.text for g in groups], rope, attn, batches)
+    def _evaluate_whole(self, xin, t, groups: list[CallGroup], rope, attn, batches: list[int], where) -> torch.Tensor:
+        """_whole_tokens, through a CUDA graph when the runtime keeps graphs (and, for Ulysses / Ring, records
+        their collectives): the same function on fixed buffers; its inputs are the scaled latent and the
+        timestep (per step) and each group's pooled text vector and text K/V (per job). The result is valid
+        until the next evaluation."""
+        cache = self.graphs
+        if cache is None or (self.mesh.sp_degree > 1 and not cache.collectives):
+            return self._whole_tokens(xin, t, [g.text for g in groups], rope, attn, batches, where)
         depth = len(self.model.blocks)
         per_job = [tt for g in groups for tt in (g.text.extra, *(x for kv in g.text.text_kv for x in kv))]
 
@@ -337,10 +348,12 @@ class Runner:
                 part = flat[i * (1 + 2 * depth):(i + 1) * (1 + 2 * depth)]
                 texts.append(TextConditions(text=None, extra=part[0],
                                             text_kv=[(part[1 + 2 * j], part[2 + 2 * j]) for j in range(depth)]))
-            return self._local_tokens(xin, t, texts, rope, attn, batches)
+            return self._whole_tokens(xin, t, texts, rope, attn, batches, where)
 
-        key = ("local", tuple(batches), attn.backend, self.model.cross_backend, tuple(self.blocks))
-        return self.graphs(key, fn, [xin, t], per_job, job=self.token, keep=tuple(rope))
+        mesh = self.mesh
+        key = ("whole", tuple(batches), attn.backend, self.model.cross_backend, tuple(self.blocks),
+               tuple(self.plan.mesh_degrees.items()), mesh.rank, tuple(where[2]))
+        return cache(key, fn, [xin, t], per_job, job=self.token, keep=tuple(rope))
 
     def _gather_sp(self, tok: torch.Tensor, layout: TokenLayout, view: list[int], ranges) -> torch.Tensor:
         """Final-layer tokens of my pieces -> tokens of the whole view, on every rank of the SP group."""

@@ -12,7 +12,7 @@ from ..job import Job, JobError
 from ..model import HunyuanDiT
 from ..model.attention import resolve_backend
 from ..plan import ParallelConfig
-from .graphs import GraphCache, graphs_enabled
+from .graphs import GraphCache, graphs_mode
 from .mesh import build_mesh
 from .runner import Runner
 
@@ -55,9 +55,10 @@ class RankRuntime:
         self.meshes: dict[tuple, object] = {}
         self.last_setup_seconds: float | None = None   # host time of the last job before its first step
         self.last_setup_phases: dict = {}
-        # CUDA graphs of the model call where it does not communicate (one GPU, CFG parallel); they hold
-        # the weights' addresses, so they are dropped whenever the weights change
-        self.graphs = GraphCache() if graphs_enabled(self.device) else None
+        # CUDA graphs of the whole model call (every plan without PipeFusion); they hold the weights'
+        # addresses, so they are dropped whenever the weights change
+        mode = graphs_mode(self.device)
+        self.graphs = GraphCache(collectives=mode == "all") if mode else None
         # CPU group for agreeing on cancellation without touching the GPU stream
         self.ctrl = dist.new_group(backend="gloo") if world_size > 1 else None
 
