@@ -2,7 +2,8 @@
 
     python bench/device_faults.py [--devices all] [--preset full] [--size 1024] [--jobs 20]
 
-On the pool of the given devices (cfg 2 when there are two, NCCL on GPUs), with the real engine:
+On the pool of the given devices (on two: cfg 2, or ulysses 2 / ring 2 with --first; NCCL on GPUs), with the
+real engine:
 1. load: --jobs consecutive jobs of varying size, seed and sampler, the degrees changed half-way; each
    equals the same job run before under the same degrees; worker RSS and GPU memory (allocated / reserved)
    after the first four jobs (one of each kind) and after the last;
@@ -96,10 +97,14 @@ def parent_child(a) -> None:
     client.run(make_job(a, a.size, 0, steps=10_000), plan_for(a))
 
 
-def plan_for(a) -> ParallelConfig:
+def plan_for(a, first: str | None = None) -> ParallelConfig:
+    """The plan of the checks: on two devices the degree `--first` names (cfg 2, ulysses 2 or ring 2); on more,
+    cfg 2 x ulysses."""
     n = len(parse_devices(a.devices))
-    devices = a.devices
-    return ParallelConfig(devices=devices, cfg_degree=2 if n == 2 else 1, ulysses_degree=n // 2 if n > 2 else 1,
+    first = first or a.first
+    if n == 2:
+        return ParallelConfig(devices=a.devices, compile=a.compile, **{f"{first}_degree": 2})
+    return ParallelConfig(devices=a.devices, cfg_degree=2 if n > 2 else 1, ulysses_degree=n // 2 if n > 2 else 1,
                           compile=a.compile)
 
 
@@ -112,6 +117,8 @@ def main():
     ap.add_argument("--jobs", type=int, default=20)
     ap.add_argument("--hang-timeout", type=float, default=20.0)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--first", choices=("cfg", "ulysses", "ring"), default="cfg",
+                    help="on two devices: the degree of the first half and of the fault checks (then the next one)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -125,7 +132,9 @@ def main():
     try:
         # 1. load: four distinct jobs in turn, the degrees changed half-way (the mesh changes, the pool stays)
         first_mem = None
-        other = replace(plan, cfg_degree=1, ulysses_degree=plan.world_size) if plan.world_size > 1 else plan
+        nxt = {"cfg": "ulysses", "ulysses": "ring", "ring": "cfg"}[a.first]
+        other = plan_for(a, nxt) if plan.world_size == 2 else \
+            replace(plan, cfg_degree=1, ulysses_degree=plan.world_size) if plan.world_size > 1 else plan
         for i in range(a.jobs):
             p = plan if i < a.jobs // 2 else other
             key = [(sizes[0], 0, "euler"), (sizes[1], 1, "dpmpp_2m"), (sizes[2], 2, "euler_ancestral"),
@@ -170,7 +179,7 @@ def main():
         check(not any(alive(p) for p in pids), "close(): no worker left")
     # 5. the parent killed
     child = subprocess.Popen([sys.executable, __file__, "--child", "--devices", a.devices, "--preset", a.preset,
-                              "--size", str(a.size)] + (["--compile"] if a.compile else []),
+                              "--size", str(a.size), "--first", a.first] + (["--compile"] if a.compile else []),
                              stdout=subprocess.PIPE, text=True)
     pids = []
     for line in child.stdout:
