@@ -110,3 +110,28 @@ def test_graphed_ranks_equal_plain_ranks(degrees):
     assert counts["captures"] == 2 and counts["replays"] >= 2, counts
     for i, (a, b) in enumerate(zip(plain, graphed)):
         assert torch.equal(a, b), f"job {i}: {(a - b).abs().max().item()}"
+
+
+def test_out_of_memory_drops_the_other_shapes_once_unless_the_call_communicates():
+    state = {"oom": 0}
+
+    def fn(a, b):
+        if state["oom"]:
+            state["oom"] -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return a + b
+
+    g = GraphCache(ReplayOnBuffers())
+    y = torch.zeros(3)
+    g("k", fn, [torch.ones(2)], [y[:2]], job=1)
+    g("k", fn, [torch.ones(2)], [y[:2]], job=1)                 # recorded
+    state["oom"] = 1                                             # a new shape does not fit ...
+    assert torch.equal(g("k", fn, [torch.ones(3)], [y], job=1), torch.ones(3))
+    assert len(g.entries) == 1                                   # ... so the other shape's graph went
+    g("k", fn, [torch.ones(2)], [y[:2]], job=1)
+    state["oom"] = 1
+    with pytest.raises(torch.cuda.OutOfMemoryError):             # partners are inside the collectives
+        g("k", fn, [torch.ones(4)], [torch.zeros(4)], job=1, communicates=True)
+    state["oom"] = 2                                             # still out of memory after dropping
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        g("k", fn, [torch.ones(5)], [torch.zeros(5)], job=1)

@@ -89,10 +89,11 @@ class GraphCache:
         return tuple((tuple(t.shape), t.dtype, tuple(t.stride()), str(t.device)) for t in tensors)
 
     def __call__(self, key: tuple, fn: Callable, step_in: Sequence[torch.Tensor], job_in: Sequence[torch.Tensor],
-                 *, job: object, keep: tuple = ()):
+                 *, job: object, keep: tuple = (), communicates: bool = False):
         """fn(*step_in, *job_in) through the graph of `key` (which must determine fn's work given the
         signatures of the inputs, which are added to it). `job` identifies the job: per-job inputs are copied
-        when it changes."""
+        when it changes. Out of GPU memory, a call that does not communicate drops the other shapes' graphs
+        and tries once more; one that does cannot (its partners are already inside its collectives)."""
         key = (key, self.signature(step_in), self.signature(job_in))
         e = self.entries.get(key)
         if e is None:
@@ -109,21 +110,36 @@ class GraphCache:
             e.job = job
         e.calls += 1
         args = (*e.step_in, *e.job_in)
-        if e.failed or e.calls == 1:
-            return fn(*args)             # first call: compile, pick kernels, warm up; outside any graph
+        retry = not communicates
+        if e.failed or e.calls == 1:     # first call: compile, pick kernels, warm up; outside any graph
+            return self._with_room(key, retry, lambda: fn(*args))
         if e.replay is None:
             try:
-                e.replay, e.out = self.recorder.record(fn, args)
+                e.replay, e.out = self._with_room(key, retry, lambda: self.recorder.record(fn, args))
                 self.captures += 1
-            except Exception as err:  # noqa: BLE001 - a failed recording falls back to the eager call
+            except Exception as err:  # noqa: BLE001 - a failed recording falls back to the plain call
                 e.failed = True
                 self.failures += 1
                 log.warning("xDiT: CUDA graph recording failed (%s: %s); this shape runs without graphs",
                             type(err).__name__, err)
-                return fn(*args)
+                return self._with_room(key, retry, lambda: fn(*args))
         e.replay()
         e.replays += 1
         return e.out
+
+    def _with_room(self, key: tuple, retry: bool, thunk: Callable):
+        try:
+            return thunk()
+        except torch.cuda.OutOfMemoryError:
+            if not retry or len(self.entries) < 2:
+                raise
+            log.warning("xDiT: out of GPU memory with %d recorded shapes; dropping the others and retrying",
+                        len(self.entries))
+            for k in [k for k in self.entries if k != key]:
+                del self.entries[k]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return thunk()
 
 
 def _static(t: torch.Tensor) -> torch.Tensor:

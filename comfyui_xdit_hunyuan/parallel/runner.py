@@ -353,7 +353,7 @@ class Runner:
         mesh = self.mesh
         key = ("whole", tuple(batches), attn.backend, self.model.cross_backend, tuple(self.blocks),
                tuple(self.plan.mesh_degrees.items()), mesh.rank, tuple(where[2]))
-        return cache(key, fn, [xin, t], per_job, job=self.token, keep=tuple(rope))
+        return cache(key, fn, [xin, t], per_job, job=self.token, keep=tuple(rope), communicates=mesh.sp_degree > 1)
 
     def _gather_sp(self, tok: torch.Tensor, layout: TokenLayout, view: list[int], ranges) -> torch.Tensor:
         """Final-layer tokens of my pieces -> tokens of the whole view, on every rank of the SP group."""
