@@ -11,6 +11,8 @@ Per model evaluation (a sampler step, or one of heun's two):
   and sends each patch's next input to stage 0.
 PipeFusion pipelines patches after `warmup_steps` synchronous steps; self-attention then reads a K/V buffer
 in which the patches not yet processed this step are one step stale.
+Without PipeFusion (one stage) the model part of an evaluation is one function of the scaled latent, the
+timestep and the text (`_whole_tokens`), which the runtime's CUDA graphs record and replay.
 """
 from __future__ import annotations
 
@@ -251,16 +253,12 @@ class Runner:
                     attn.patches = view
                     out_tok = self._evaluate_whole(xin, timesteps[e:e + 1], groups, rope_of[tuple(view)], attn,
                                                    batches, (layout, view, ranges))
-                else:
+                else:                # a PipeFusion stage
                     # ---- stage input: tokens of my pieces, for every call group
                     if self.first:
                         for m in view:
                             a, b = patch_rows[m]
-                            if P > 1:
-                                x_cur[:, :, a:b] = self._recv(x_cur[:, :, a:b].shape, torch.float32, P - 1, "latent")
-                            else:
-                                inputs[m] = samplers[m].next_input()[0]
-                                x_cur[:, :, a:b] = inputs[m]
+                            x_cur[:, :, a:b] = self._recv(x_cur[:, :, a:b].shape, torch.float32, P - 1, "latent")
                         xin = ms.calculate_input(torch.tensor(sigma), _padded_rows(x_cur, r0, r1, p))
                         tok = model.embed_image(xin)
                         v0 = layout.patch_tokens(view[0])[0]
