@@ -112,6 +112,17 @@ def test_graphed_ranks_equal_plain_ranks(degrees):
         assert torch.equal(a, b), f"job {i}: {(a - b).abs().max().item()}"
 
 
+def test_graphed_usp_on_four_ranks():
+    plan = ParallelConfig(devices="cpu:4", ulysses_degree=2, ring_degree=2)
+    other_prompt = [random_cond(preset(PRESET), 11, hw=(128, 128))]
+    jobs = [make_job(steps=3, seed=1), make_job(steps=3, seed=2, positive=other_prompt)]
+    plain = run_on_mesh(plan, jobs)
+    *graphed, counts = run_on_mesh(plan, jobs, graphs=True)
+    assert counts["captures"] == 1 and counts["replays"] == 5, counts      # every call after the first
+    for a, b in zip(plain, graphed):
+        assert torch.equal(a, b)
+
+
 def test_out_of_memory_drops_the_other_shapes_once_unless_the_call_communicates():
     state = {"oom": 0}
 
