@@ -3,8 +3,7 @@ one GPU and CFG parallel, and Ulysses / Ring, whose collectives are then recorde
 
 At batch 1 (a CFG-parallel rank), with sequence parallelism, or at small sizes the GPU finishes a step's
 ~1,500 kernels faster than Python launches them; replaying one recorded graph per step makes the step
-GPU-bound. The graphed function is the
-very function the eager path calls, on fixed buffers:
+GPU-bound. The graphed function is the very function the plain path calls, on fixed buffers:
 - per-step inputs (the scaled latent, the timestep) are copied into the graph's buffers at every step;
 - per-job inputs (pooled text vector, every block's text K/V) are copied once when a new job uses the graph;
 - the first call for a shape runs the function outside any graph (compilation, kernel selection, and the
