@@ -146,3 +146,19 @@ def test_out_of_memory_drops_the_other_shapes_once_unless_the_call_communicates(
     state["oom"] = 2                                             # still out of memory after dropping
     with pytest.raises(torch.cuda.OutOfMemoryError):
         g("k", fn, [torch.ones(5)], [torch.zeros(5)], job=1)
+
+
+def test_one_runner_reused_for_two_jobs_copies_the_second_jobs_text():
+    from comfyui_xdit_hunyuan.parallel.mesh import build_mesh
+    from comfyui_xdit_hunyuan.parallel.runner import Runner
+    from comfyui_xdit_hunyuan.tiny import random_model
+
+    model, plan = random_model(PRESET, seed=0), ParallelConfig(devices="cpu:1")
+    jobs = [make_job(steps=3, seed=1), make_job(steps=3, seed=1, positive=[random_cond(preset(PRESET), 11,
+                                                                                         hw=(128, 128))])]
+    plain = [Runner(model, build_mesh({}, 0), plan).run(j) for j in jobs]
+    runner = Runner(model, build_mesh({}, 0), plan, graphs=GraphCache(ReplayOnBuffers()))
+    graphed = [runner.run(j) for j in jobs]
+    assert not torch.equal(plain[0], plain[1])
+    for a, b in zip(plain, graphed):
+        assert torch.equal(a, b)

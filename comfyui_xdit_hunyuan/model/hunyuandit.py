@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Iterable, Protocol
 
 import torch
 import torch.nn as nn
@@ -322,22 +322,22 @@ class HunyuanDiT(nn.Module):
         """(shift, text_kv) of one block: the shift once per evaluation, the text K/V once per job."""
         if not cond.shifts:
             cond.shifts = [None] * self.cfg.depth
-        if not cond.text.text_kv:
-            cond.text.text_kv = [None] * self.cfg.depth
-        blk = self.blocks[block]
         if cond.shifts[block] is None:
-            cond.shifts[block] = blk.default_modulation[1](silu32(cond.c)).unsqueeze(1)
-        if cond.text.text_kv[block] is None:
-            cond.text.text_kv[block] = blk.attn2.text_kv(cond.text.text)
-        return cond.shifts[block], cond.text.text_kv[block]
+            cond.shifts[block] = self.blocks[block].default_modulation[1](silu32(cond.c)).unsqueeze(1)
+        return cond.shifts[block], self._text_kv(cond.text, block)
+
+    def _text_kv(self, text: TextConditions, block: int):
+        """One block's cross-attention K/V of `text`, computed at first use."""
+        if not text.text_kv:
+            text.text_kv = [None] * self.cfg.depth
+        if text.text_kv[block] is None:
+            text.text_kv[block] = self.blocks[block].attn2.text_kv(text.text)
+        return text.text_kv[block]
 
     def fill_text_kv(self, text: TextConditions) -> None:
         """Compute every block's cross-attention K/V of `text` now (block_inputs computes them lazily)."""
-        if not text.text_kv:
-            text.text_kv = [None] * self.cfg.depth
-        for i, blk in enumerate(self.blocks):
-            if text.text_kv[i] is None:
-                text.text_kv[i] = blk.attn2.text_kv(text.text)
+        for i in range(self.cfg.depth):
+            self._text_kv(text, i)
 
     def embed_image(self, x: torch.Tensor) -> torch.Tensor:
         """Latent [B, C, H, W] -> tokens [B, rows*cols, hidden]; odd sizes padded circularly (ComfyUI)."""

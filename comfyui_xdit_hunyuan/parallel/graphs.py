@@ -79,6 +79,7 @@ class GraphCache:
         self.entries: OrderedDict = OrderedDict()
         self.captures = 0
         self.failures = 0
+        self._job_signature: tuple = (None, None)   # (job, signature of its per-job inputs)
 
     def clear(self) -> None:
         self.entries.clear()
@@ -90,10 +91,12 @@ class GraphCache:
     def __call__(self, key: tuple, fn: Callable, step_in: Sequence[torch.Tensor], job_in: Sequence[torch.Tensor],
                  *, job: object, keep: tuple = (), communicates: bool = False):
         """fn(*step_in, *job_in) through the graph of `key` (which must determine fn's work given the
-        signatures of the inputs, which are added to it). `job` identifies the job: per-job inputs are copied
-        when it changes. Out of GPU memory, a call that does not communicate drops the other shapes' graphs
+        signatures of the inputs, which are added to it). `job` identifies the job: its per-job inputs are the
+        same for all its calls, copied (and their signature taken) when it changes. Out of GPU memory, a call that does not communicate drops the other shapes' graphs
         and tries once more; one that does cannot (its partners are already inside its collectives)."""
-        key = (key, self.signature(step_in), self.signature(job_in))
+        if self._job_signature[0] is not job:
+            self._job_signature = (job, self.signature(job_in))
+        key = (key, self.signature(step_in), self._job_signature[1])
         e = self.entries.get(key)
         if e is None:
             e = _Entry(step_in=[_static(t) for t in step_in], job_in=[_static(t) for t in job_in], keep=keep)

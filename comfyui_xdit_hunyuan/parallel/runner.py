@@ -127,9 +127,9 @@ class Runner:
         self.kv_buffer = KVBuffer() if self.P > 1 else None
         self.reporter = self.last and mesh.index("cfg") == 0 and mesh.sp_index == 0
         self.graphs = graphs                           # CUDA graphs of the whole model call (or None)
-        self.token = object()                          # this run, for the graphs' per-job inputs
-        self.setup_seconds: float | None = None
-        self.setup_phases: dict = {}
+        self.token: object = None                      # the current run, for the graphs' per-job inputs
+        self.setup_phases: dict = {}                   # host seconds of each part of the set-up (stats)
+        self._whole_call = None                        # (key, fn, per-job inputs) of the graphed call
 
     # ------------------------------------------------------------------ small helpers
     def _peer(self, **coords) -> int:
@@ -155,8 +155,8 @@ class Runner:
     # ------------------------------------------------------------------ the job
     @torch.no_grad()
     def run(self, job: Job) -> torch.Tensor | None:
-        t_start = t_mark = time.perf_counter()
-        self.setup_phases = {}                         # host seconds of each part of the set-up (stats)
+        t_mark = time.perf_counter()
+        self.setup_phases, self.token, self._whole_call = {}, object(), None      # a Runner may run many jobs
 
         def mark(name: str):
             nonlocal t_mark
@@ -224,7 +224,6 @@ class Runner:
             x0 = torch.zeros_like(x) if self.reporter else None
         x_cur = x.clone() if self.first else None      # stage 0: the latest model input of every patch
         mark("samplers")
-        self.setup_seconds = time.perf_counter() - t_start   # host time before the first step (stats)
 
         for e, (sigma, step_i) in enumerate(evals):
             if self._agree_cancel():
@@ -243,16 +242,17 @@ class Runner:
                 ranges = layout.ranges(view, mesh.index("ring"), mesh.index("ulysses"))
                 n_mine = sum(b - a for a, b in ranges)
                 r0, r1 = patch_rows[view[0]][0], patch_rows[view[-1]][1]
+                if tuple(view) not in rope_of:
+                    rope_of[tuple(view)] = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in rope_full)
+                rope = rope_of[tuple(view)]
+                attn.patches = view
                 if whole:            # one stage: the whole model call (graphed on GPUs)
                     for m in view:
                         inputs[m] = samplers[m].next_input()[0]
                         x_cur[:, :, patch_rows[m][0]:patch_rows[m][1]] = inputs[m]
                     xin = ms.calculate_input(torch.tensor(sigma), _padded_rows(x_cur, r0, r1, p))
-                    if tuple(view) not in rope_of:
-                        rope_of[tuple(view)] = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in rope_full)
-                    attn.patches = view
-                    out_tok = self._evaluate_whole(xin, timesteps[e:e + 1], groups, rope_of[tuple(view)], attn,
-                                                   batches, (layout, view, ranges))
+                    out_tok = self._evaluate_whole(xin, timesteps[e:e + 1], groups, rope, attn, batches,
+                                                   (layout, view, ranges))
                 else:                # a PipeFusion stage
                     # ---- stage input: tokens of my pieces, for every call group
                     if self.first:
@@ -271,10 +271,6 @@ class Runner:
                         buf = self._recv((len(blks), sum(batches), n_mine, cfg.hidden_size), dt, src, "skip")
                         skips_in.update(zip(blks, buf.unbind(0)))
                     # ---- my blocks, per call group
-                    if tuple(view) not in rope_of:
-                        rope_of[tuple(view)] = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in rope_full)
-                    rope = rope_of[tuple(view)]
-                    attn.patches = view
                     outs, produced = [], []
                     for gi, (cond, part) in enumerate(zip(conds, hidden.split(batches))):
                         attn.key = gi
@@ -337,21 +333,24 @@ class Runner:
         cache = self.graphs
         if cache is None or (self.mesh.sp_degree > 1 and not cache.collectives):
             return self._whole_tokens(xin, t, [g.text for g in groups], rope, attn, batches, where)
-        depth = len(self.model.blocks)
-        per_job = [tt for g in groups for tt in (g.text.extra, *(x for kv in g.text.text_kv for x in kv))]
+        if self._whole_call is None:                   # one stage has one view: built once per job
+            depth = len(self.model.blocks)
+            per_job = [tt for g in groups for tt in (g.text.extra, *(x for kv in g.text.text_kv for x in kv))]
 
-        def fn(xin, t, *flat):
-            texts = []
-            for i in range(len(groups)):
-                part = flat[i * (1 + 2 * depth):(i + 1) * (1 + 2 * depth)]
-                texts.append(TextConditions(text=None, extra=part[0],
-                                            text_kv=[(part[1 + 2 * j], part[2 + 2 * j]) for j in range(depth)]))
-            return self._whole_tokens(xin, t, texts, rope, attn, batches, where)
+            def fn(xin, t, *flat):
+                texts = []
+                for i in range(len(groups)):
+                    part = flat[i * (1 + 2 * depth):(i + 1) * (1 + 2 * depth)]
+                    texts.append(TextConditions(text=None, extra=part[0],
+                                                text_kv=[(part[1 + 2 * j], part[2 + 2 * j]) for j in range(depth)]))
+                return self._whole_tokens(xin, t, texts, rope, attn, batches, where)
 
-        mesh = self.mesh
-        key = ("whole", tuple(batches), attn.backend, self.model.cross_backend, tuple(self.blocks),
-               tuple(self.plan.mesh_degrees.items()), mesh.rank, tuple(where[2]))
-        return cache(key, fn, [xin, t], per_job, job=self.token, keep=tuple(rope), communicates=mesh.sp_degree > 1)
+            key = ("whole", tuple(batches), attn.backend, self.model.cross_backend, tuple(self.blocks),
+                   tuple(self.plan.mesh_degrees.items()), self.mesh.rank, tuple(where[2]))
+            self._whole_call = (key, fn, per_job)
+        key, fn, per_job = self._whole_call
+        return cache(key, fn, [xin, t], per_job, job=self.token, keep=tuple(rope),
+                     communicates=self.mesh.sp_degree > 1)
 
     def _gather_sp(self, tok: torch.Tensor, layout: TokenLayout, view: list[int], ranges) -> torch.Tensor:
         """Final-layer tokens of my pieces -> tokens of the whole view, on every rank of the SP group."""

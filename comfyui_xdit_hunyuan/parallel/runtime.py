@@ -53,8 +53,7 @@ class RankRuntime:
         self.identity: str | None = None
         self.loads = 0                              # real weight loads (tests assert reuse)
         self.meshes: dict[tuple, object] = {}
-        self.last_setup_seconds: float | None = None   # host time of the last job before its first step
-        self.last_setup_phases: dict = {}
+        self.last_setup_phases: dict = {}              # host time of the last job before its first step
         # CUDA graphs of the whole model call (every plan without PipeFusion); they hold the weights'
         # addresses, so they are dropped whenever the weights change
         mode = graphs_mode(self.device)
@@ -117,12 +116,12 @@ class RankRuntime:
         try:
             return runner.run(job)
         finally:
-            self.last_setup_seconds = runner.setup_seconds
             self.last_setup_phases = runner.setup_phases
 
     def stats(self) -> dict:
         """Extra per-job statistics for the client (worker.main adds them to the job's answer)."""
         g = self.graphs
         graphs = None if g is None else {"entries": len(g.entries), "captures": g.captures, "failures": g.failures}
-        return {"setup_seconds": self.last_setup_seconds, "setup_phases": self.last_setup_phases,
+        phases = self.last_setup_phases
+        return {"setup_seconds": sum(phases.values()) if phases else None, "setup_phases": phases,
                 "cuda_graphs": graphs, "cpu_threads": torch.get_num_threads()}
