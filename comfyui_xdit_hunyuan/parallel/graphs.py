@@ -122,7 +122,8 @@ class GraphCache:
             except Exception as err:  # noqa: BLE001 - a failed recording falls back to the plain call
                 e.failed = True
                 self.failures += 1
-                log.warning("xDiT: CUDA graph recording failed (%s: %s); this shape runs without graphs",
+                log.warning("xDiT: CUDA graph recording failed (%s: %s); this shape runs without graphs "
+                            "(same results, slower steps; XDIT_HUNYUAN_CUDA_GRAPHS=0 turns them off)",
                             type(err).__name__, err)
                 return self._with_room(key, retry, lambda: fn(*args))
         e.replay()
