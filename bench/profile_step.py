@@ -2,9 +2,6 @@
 
     python bench/profile_step.py [--pixels 1024] [--variants eager,compiled,graph,autotune] [--profile]
 
-A variant is a base (eager, compiled, autotune, graph) plus flags: +pad (head dim padded to 96), +gelu (fc1's
-GELU in the GEMM epilogue), +fp8 (dtype fp8's model: the blocks' GEMMs in FP8).
-
 One step = conditions + patch embedding + 40 blocks + final layer, batch 2 (negative and positive), bf16,
 random full-size v1.2 weights, serial (one GPU). Each variant prints ms per step (CUDA events, mean of 10
 after warm-up), its first-call time (compilation) and its relative L2 difference to eager; --profile
@@ -13,7 +10,6 @@ prints the kernels that take the time (eager and compiled).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -104,15 +100,10 @@ def main():
             mlp.to(model.dtype)
         ref = step().float()
         results = {}
-        bf16_model, fp8_model = model, None
-        if "fp8" in a.variants:          # copied before anything compiles (dtype fp8's model: model/fp8.py)
-            fp8_model = copy.deepcopy(bf16_model)
-            fp8_model.use_fp8_matmuls()
         for variant in a.variants.split(","):
             t0 = time.perf_counter()
             try:
-                base, *flags = variant.split("+")        # e.g. compiled+pad+gelu, compiled+pad+fp8
-                model = fp8_model if "fp8" in flags else bf16_model
+                base, *flags = variant.split("+")        # e.g. compiled+pad+gelu
                 attn.backend = model.cross_backend = "padded" if "pad" in flags else a.backend
                 model.use_fused_gelu("gelu" in flags)
                 if base == "eager":

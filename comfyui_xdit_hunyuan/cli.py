@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--attention", choices=BACKENDS, default="auto",
                      help="attention kernel. Default: auto (the fastest available)")
     par.add_argument("--dtype", choices=DTYPES, default="auto",
-                     help="compute dtype of the workers; fp8 = bf16 with the blocks' matmuls in FP8 (Ada / Hopper GPUs; "
-                     "faster, the image differs slightly). Default: auto (bf16 on GPU, fp32 on CPU)")
+                     help="compute dtype of the workers. Default: auto (bf16 on GPU, fp32 on CPU)")
     par.add_argument("--compile", action="store_true", help="torch.compile the model on the GPU workers "
                      "(CPU workers run eager)")
 

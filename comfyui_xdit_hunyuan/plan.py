@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .model.attention import BACKENDS
 
-DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 STRATEGIES = ("auto", "manual")
 AUTO_TABLE = Path(__file__).with_name("auto_table.json")
 
@@ -143,20 +143,6 @@ def parse_devices(spec: str, cuda_count: int | None = None) -> list[str]:
             raise PlanError(f"devices '{spec}' names cuda:{i} twice; name each GPU once")
         out.append(f"cuda:{i}")
     return out
-
-
-def check_dtype_devices(dtype: str, devices: list[str]) -> None:
-    """Raises PlanError when a device cannot run `dtype` (fp8 needs FP8 tensor cores), before any worker
-    starts."""
-    if dtype != "fp8":
-        return
-    import torch
-
-    from .model.fp8 import fp8_supported
-    for dev in dict.fromkeys(devices):
-        why = fp8_supported(torch.device(dev))
-        if why:
-            raise PlanError(f"{dev}: {why}")
 
 
 def _cuda_count() -> int:

@@ -33,7 +33,7 @@ from typing import Callable, Mapping
 import torch
 
 from comfyui_xdit_hunyuan.job import Job, JobCancelled, JobError, PoolError, WeightsRef
-from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError, check_dtype_devices, parse_devices
+from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError, parse_devices
 
 from . import protocol as P
 from .processes import DIR_PREFIX, describe_exit, kill_group, own_process_group, spawn, sweep_stale_dirs
@@ -146,7 +146,6 @@ class PoolClient:
                 return self
             self._teardown()
             self._devices = parse_devices(self.config.devices)
-            check_dtype_devices(self.config.dtype, self._devices)
             try:
                 self._spawn(self._devices)
                 self._wait_ready()

@@ -72,7 +72,7 @@ class Mlp(nn.Module):
     fused_gelu = False
 
     def forward(self, x):
-        if self.fused_gelu and x.is_cuda and isinstance(self.fc1, nn.Linear):  # (CPU's epilogue: erf GELU)
+        if self.fused_gelu and x.is_cuda:          # (the CPU kernel's epilogue is the erf GELU)
             h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
             return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -385,11 +385,6 @@ class HunyuanDiT(nn.Module):
         """fc1 + GELU as one GEMM with a GELU epilogue in every block (GPUs)."""
         for blk in self.blocks:
             blk.mlp.fused_gelu = on
-
-    def use_fp8_matmuls(self) -> int:
-        """The blocks' per-step GEMMs in FP8 (model/fp8.py; opt-in, changes the image slightly)."""
-        from .fp8 import use_fp8_matmuls
-        return use_fp8_matmuls(self.blocks)
 
     def compile_blocks(self) -> None:
         """Regional torch.compile (blocks share the compiled code, so the first run stays short):

@@ -16,8 +16,7 @@ from .graphs import GraphCache, graphs_mode
 from .mesh import build_mesh
 from .runner import Runner
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "fp8": torch.bfloat16}        # fp8: a bf16 model whose blocks' GEMMs run in FP8 (model/fp8.py)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -78,8 +77,6 @@ class RankRuntime:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.model = build_weights(ref.source, dtype=self.dtype, device=self.device)
-        if self.config.dtype == "fp8":
-            self.model.use_fp8_matmuls()
         if self.device.type == "cuda":
             self.model.use_fused_gelu()
         self.model.cross_backend = resolve_backend(self.config.attention, self.device, self.dtype,
