@@ -8,7 +8,9 @@
 3. host synchronisations inside the sampling loop (torch.cuda sync debug mode) -- must be none;
 4. one CFG step of the full model at 1024^2, eager and compiled (regional), ms;
 5. CUDA graphs of the model call (compiled): the same latent as without, and the step time, at batch 2
-   (cfg 5) and batch 1 (cfg 1, as each rank of CFG parallel).
+   (cfg 5) and batch 1 (cfg 1, as each rank of CFG parallel);
+6. the fused Triton kernels (model/kernels.py; compiled, graphs): ms per step with and without, and the
+   final latents' difference, at batch 2 and 1.
 """
 from __future__ import annotations
 
@@ -136,6 +138,41 @@ def check_graphs(steps: int, pixels: int = 1024):
     print(f"  graphs recorded {cache.captures}, failed {cache.failures}")
 
 
+def check_fused(steps: int, pixels: int = 1024):
+    print(f"== fused Triton kernels vs none, compiled, CUDA graphs, {pixels}^2, {steps} steps ==")
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    model = random_model("full", seed=0, dtype=dt, device=dev)
+    model.use_fused_gelu()
+    model.cross_backend = backend = resolve_backend("auto", dev, dt, in_graph=True)
+    model.compile_blocks()
+    plan = ParallelConfig(compile=True)
+    outs, ms = {}, {}
+    for name in ("unfused", "fused"):
+        print(f"  {name}: kernels {'on' if model.use_fused_kernels(name == 'fused') else 'off'}", flush=True)
+        cache = GraphCache()
+        for scale in (5.0, 1.0):
+            runner = Runner(model, build_mesh({}, 0), plan, backend=backend, graphs=cache)
+            warm = one_rank_job(pixels, 3)
+            warm.cfg = scale
+            t0 = time.perf_counter()
+            runner.run(warm)
+            first = time.perf_counter() - t0
+            job = one_rank_job(pixels, steps)
+            job.cfg = scale
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outs[name, scale] = runner.run(job)
+            ms[name, scale] = 1000 * (time.perf_counter() - t0) / steps
+            print(f"  {name} batch {2 if scale != 1.0 else 1}: {ms[name, scale]:.1f} ms/step "
+                  f"({steps} steps {ms[name, scale] * steps / 1000:.2f} s; first 3-step job {first:.1f} s); "
+                  f"graphs recorded {cache.captures}, failed {cache.failures}", flush=True)
+    for scale in (5.0, 1.0):
+        a, b = outs["unfused", scale], outs["fused", scale]
+        print(f"  batch {2 if scale != 1.0 else 1}: fused / unfused step time {ms['fused', scale] / ms['unfused', scale]:.3f}; "
+              f"final latent rel L2 diff {((b - a).norm() / a.norm()).item():.2e}, "
+              f"max {((b - a).abs().max() / a.abs().max()).item():.2e}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-compile", action="store_true")
@@ -151,3 +188,5 @@ if __name__ == "__main__":
         check_syncs_and_speed(a.skip_compile)
     if "graphs" in a.only:
         check_graphs(a.graph_steps)
+    if "fused" in a.only:
+        check_fused(a.graph_steps)

@@ -2,6 +2,9 @@
 
     python bench/profile_step.py [--pixels 1024] [--variants eager,compiled,graph,autotune] [--profile]
 
+A variant is a base (eager, compiled, autotune, graph) plus flags: +pad (head dim padded to 96), +gelu (fc1's
+GELU in the GEMM epilogue), +fused (the Triton kernels of model/kernels.py).
+
 One step = conditions + patch embedding + 40 blocks + final layer, batch 2 (negative and positive), bf16,
 random full-size v1.2 weights, serial (one GPU). Each variant prints ms per step (CUDA events, mean of 10
 after warm-up), its first-call time (compilation) and its relative L2 difference to eager; --profile
@@ -106,6 +109,8 @@ def main():
                 base, *flags = variant.split("+")        # e.g. compiled+pad+gelu
                 attn.backend = model.cross_backend = "padded" if "pad" in flags else a.backend
                 model.use_fused_gelu("gelu" in flags)
+                model.use_fused_kernels("fused" in flags)
+                text.text_kv = []                   # per-block text K/V again (padded with the kernels)
                 if base == "eager":
                     torch._dynamo.reset()
                     for blk in model.blocks:

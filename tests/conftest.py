@@ -1,11 +1,17 @@
 """Shared fixtures: tiny random HunyuanDiT models (8 blocks, so skip connections exist) and inputs."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from comfyui_xdit_hunyuan.model import HunyuanDiTConfig
-from comfyui_xdit_hunyuan.tiny import random_cond, random_model
+# The Triton kernels of model/kernels.py run on the CPU through Triton's interpreter (read when they are
+# defined, so before the package is imported; worker processes inherit it).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from comfyui_xdit_hunyuan.model import HunyuanDiTConfig  # noqa: E402
+from comfyui_xdit_hunyuan.tiny import random_cond, random_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .attention import attention as attention_kernel
 from .config import HunyuanDiTConfig
+from .kernels import cat_layer_norm, norm_rope_pad, pad_head_dim, padded_head_dim, softmax_rescale
 from .rope import TokenGrid, apply_rope, rope_table
 
 
@@ -78,7 +79,30 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class SelfAttentionLayer(nn.Module):
+class _OutProjection:
+    """Output projection of head-first attention outputs, also of head dims zero-padded by the fused
+    kernels (the weight then has matching zero columns, made once by `pad_out_weight`)."""
+
+    heads: int
+    head_dim: int
+    out_proj: nn.Linear
+    fused = False              # Triton kernels (model/kernels.py); set by HunyuanDiT.use_fused_kernels
+
+    def pad_out_weight(self, pad_to: int) -> None:
+        w = self.out_proj.weight.detach()
+        padded = w.new_zeros(w.shape[0], self.heads, pad_to)
+        padded[..., : self.head_dim] = w.view(w.shape[0], self.heads, self.head_dim)
+        self.out_weight_padded = padded.view(w.shape[0], -1)
+
+    def out(self, o):
+        b, _, n, d = o.shape
+        o = o.transpose(1, 2).reshape(b, n, -1)       # a view when o is token-major (the fused path)
+        if d != self.head_dim:
+            return F.linear(o, self.out_weight_padded, self.out_proj.bias)
+        return self.out_proj(o)
+
+
+class SelfAttentionLayer(_OutProjection, nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool, **kw):
         super().__init__()
         self.heads = heads
@@ -88,23 +112,27 @@ class SelfAttentionLayer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6, **kw) if qk_norm else None
         self.out_proj = nn.Linear(dim, dim, **kw)
 
-    def qkv(self, x, rope):
-        """Head-first q, k, v [b, h, n, d], normalised, RoPE on q and k."""
+    def qkv(self, x, rope, pad_to: int | None = None):
+        """Head-first q, k, v [b, h, n, d], normalised, RoPE on q and k. With the fused kernels and
+        pad_to (attention traced with the block), one kernel per tensor, the head dim padded to pad_to and
+        q scaled so that attention's default softmax scale 1/sqrt(pad_to) acts as 1/sqrt(d)."""
         b, n, _ = x.shape
+        if self.fused and pad_to is not None:
+            y, hd = self.Wqkv(x), self.heads * self.head_dim
+            return (norm_rope_pad(y, 0, self.heads, self.head_dim, self.q_norm, rope, pad_to,
+                                  softmax_rescale(self.head_dim, pad_to)),
+                    norm_rope_pad(y, hd, self.heads, self.head_dim, self.k_norm, rope, pad_to),
+                    norm_rope_pad(y, 2 * hd, self.heads, self.head_dim, None, None, pad_to))
         q, k, v = self.Wqkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = layer_norm32(q, self.q_norm), layer_norm32(k, self.k_norm)
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
-    def out(self, o):
-        b, _, n, _ = o.shape
-        return self.out_proj(o.transpose(1, 2).reshape(b, n, -1))
-
     def forward(self, x, rope, attention: SelfAttention, block: int):
         return self.out(attention(*self.qkv(x, rope), block))
 
 
-class CrossAttentionLayer(nn.Module):
+class CrossAttentionLayer(_OutProjection, nn.Module):
     def __init__(self, dim: int, text_dim: int, heads: int, qk_norm: bool, **kw):
         super().__init__()
         self.heads = heads
@@ -115,16 +143,24 @@ class CrossAttentionLayer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6, **kw) if qk_norm else None
         self.out_proj = nn.Linear(dim, dim, **kw)
 
-    def text_kv(self, text):
-        """Keys and values of the text tokens: the same for every image token and every step."""
+    def text_kv(self, text, pad_to: int | None = None):
+        """Keys and values of the text tokens: the same for every image token and every step. pad_to: the
+        head dim zero-padded (fused kernels with padded attention; forward then pads q to match)."""
         b, s, _ = text.shape
         k, v = self.kv_proj(text).view(b, s, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.k_norm is not None:
             k = layer_norm32(k, self.k_norm)
+        if pad_to:
+            k, v = pad_head_dim(k, pad_to), pad_head_dim(v, pad_to)
         return k.contiguous(), v.contiguous()     # one layout for every job (compiled code guards on it)
 
     def forward(self, x, text_kv, rope, backend: str):
         b, n, _ = x.shape
+        if self.fused:                             # q normed, rotated and padded to the text K/V in one pass
+            dp = text_kv[0].shape[-1]
+            q = norm_rope_pad(self.q_proj(x), 0, self.heads, self.head_dim, self.q_norm, rope, dp,
+                              softmax_rescale(self.head_dim, dp))
+            return self.out(attention_kernel(q, *text_kv, backend))
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = layer_norm32(q, self.q_norm)
@@ -134,6 +170,8 @@ class CrossAttentionLayer(nn.Module):
 
 
 class HunyuanDiTBlock(nn.Module):
+    fused = False              # Triton kernels (model/kernels.py); set by HunyuanDiT.use_fused_kernels
+
     def __init__(self, cfg: HunyuanDiTConfig, skip: bool, **kw):
         super().__init__()
         d = cfg.hidden_size
@@ -151,14 +189,21 @@ class HunyuanDiTBlock(nn.Module):
             self.skip_norm = self.skip_linear = None
 
     def forward(self, x, shift, text_kv, rope, skip, attention: SelfAttention, index: int, cross_backend: str):
-        x, q, k, v = self.before_attention(x, shift, rope, skip)
+        pad_to = None      # attention traced with the block: the fused kernels may pad its head dim
+        if getattr(attention, "traceable", False):
+            d = self.attn1.head_dim
+            pad_to = padded_head_dim(d) if getattr(attention, "backend", None) == "padded" else d
+        x, q, k, v = self.before_attention(x, shift, rope, skip, pad_to)
         return self.after_attention(x, attention(q, k, v, index), text_kv, rope, cross_backend)
 
-    def before_attention(self, x, shift, rope, skip):
+    def before_attention(self, x, shift, rope, skip, pad_to: int | None = None):
         """Skip merge, norm, shift, fused QKV, q/k norms and RoPE -> (x, q, k, v)."""
         if self.skip_linear is not None:
-            x = self.skip_linear(layer_norm32(torch.cat([x, skip], dim=-1), self.skip_norm))
-        return (x, *self.attn1.qkv(layer_norm32(x, self.norm1) + shift, rope))
+            if self.fused:
+                x = self.skip_linear(cat_layer_norm(x, skip, self.skip_norm))
+            else:
+                x = self.skip_linear(layer_norm32(torch.cat([x, skip], dim=-1), self.skip_norm))
+        return (x, *self.attn1.qkv(layer_norm32(x, self.norm1) + shift, rope, pad_to))
 
     def after_attention(self, x, o, text_kv, rope, cross_backend: str):
         """Self-attention output projection and residual, cross-attention, MLP."""
@@ -331,7 +376,9 @@ class HunyuanDiT(nn.Module):
         if not text.text_kv:
             text.text_kv = [None] * self.cfg.depth
         if text.text_kv[block] is None:
-            text.text_kv[block] = self.blocks[block].attn2.text_kv(text.text)
+            attn2 = self.blocks[block].attn2
+            pad_to = padded_head_dim(attn2.head_dim) if attn2.fused and self.cross_backend == "padded" else None
+            text.text_kv[block] = attn2.text_kv(text.text, pad_to)
         return text.text_kv[block]
 
     def fill_text_kv(self, text: TextConditions) -> None:
@@ -385,6 +432,20 @@ class HunyuanDiT(nn.Module):
         """fc1 + GELU as one GEMM with a GELU epilogue in every block (GPUs)."""
         for blk in self.blocks:
             blk.mlp.fused_gelu = on
+
+    def use_fused_kernels(self, on: bool = True) -> bool:
+        """The Triton kernels of model/kernels.py in every block (GPUs): q/k norm + RoPE + head padding in
+        one pass per tensor, the padded attention output projected without a copy, the skip merge's norm
+        without the concatenation pass. False (and nothing changed) where Triton cannot run."""
+        from .kernels import available
+        if on and not available(self.device):
+            return False
+        for blk in self.blocks:
+            blk.fused = blk.attn1.fused = blk.attn2.fused = on
+            for attn in (blk.attn1, blk.attn2):
+                if on and padded_head_dim(attn.head_dim) != attn.head_dim:
+                    attn.pad_out_weight(padded_head_dim(attn.head_dim))
+        return on
 
     def compile_blocks(self) -> None:
         """Regional torch.compile (blocks share the compiled code, so the first run stays short):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from ..job import Job, JobError
 from ..model import HunyuanDiT
+from ..model import kernels
 from ..model.attention import resolve_backend
 from ..plan import ParallelConfig
 from .graphs import GraphCache, graphs_mode
@@ -79,6 +80,8 @@ class RankRuntime:
         self.model = build_weights(ref.source, dtype=self.dtype, device=self.device)
         if self.device.type == "cuda":
             self.model.use_fused_gelu()
+        if kernels.wanted(self.device):
+            self.model.use_fused_kernels()
         self.model.cross_backend = resolve_backend(self.config.attention, self.device, self.dtype,
                                                    in_graph=self.config.compile)
         if self.config.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager

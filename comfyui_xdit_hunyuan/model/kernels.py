@@ -1,0 +1,190 @@
+"""Hand-fused Triton kernels for the GPU path (HunyuanDiT.use_fused_kernels), each with its plain-torch
+reference (the unfused code, used on the CPU and where Triton is missing).
+
+- `norm_rope_pad`: the attention inputs from a projection's output in one pass: per-head LayerNorm (q / k
+  norms), 2-D RoPE, the head dim zero-padded (88 -> 96 for the faster cuDNN kernel) with the softmax scale
+  folded into q, written token-major [B, N, H, Dp] (returned as the head-first view [B, H, N, Dp]). cuDNN
+  then writes the attention output token-major too, and the output projection reads it without a copy
+  (its weight zero-padded to match). Unfused, torch.compile spends ≈ 3 passes and 2 copies on this.
+- `cat_layer_norm`: the skip merge's LayerNorm over [x, skip] without materialising the concatenation
+  first (one pass instead of a statistics pass and a concatenating pass).
+
+Arithmetic follows the unfused code: statistics and RoPE in float32, the normed value rounded to the
+tensor dtype before RoPE, one rounding at the end. On the CPU the kernels run under TRITON_INTERPRET=1 (the
+tests compare them with the references there).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of torch; CPU builds may lack it
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure: the references run
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton kernels run on `device` (a GPU, or the CPU under Triton's interpreter)."""
+    return triton is not None and (device.type == "cuda" or INTERPRET)
+
+
+ENV = "XDIT_HUNYUAN_FUSED_KERNELS"
+
+
+def wanted(device: torch.device) -> bool:
+    """Whether a worker on `device` uses the kernels: on GPUs unless XDIT_HUNYUAN_FUSED_KERNELS=0 (results
+    then differ only by rounding); =1 also on the CPU under TRITON_INTERPRET=1 (tests)."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return False
+    return available(device) and (device.type == "cuda" or v in ("1", "on", "true", "yes"))
+
+
+def padded_head_dim(d: int, multiple: int = 32) -> int:
+    return d + (-d) % multiple
+
+
+if triton is not None:
+    @triton.jit
+    def _norm_rope_pad_kernel(src, dst, w, b, cos, sin, M, n_tok, src_stride, eps, q_scale,
+                              H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr):
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        rmask = rows < M
+        dmask = d < D
+        m2 = rmask[:, None] & dmask[None, :]
+        src_row = src + rows[:, None].to(tl.int64) * src_stride + h * D
+        x = tl.load(src_row + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if NORM:
+            mean = tl.sum(x, axis=1) / D
+            xc = tl.where(m2, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+            wv = tl.load(w + d, mask=dmask, other=0.0).to(tl.float32)
+            bv = tl.load(b + d, mask=dmask, other=0.0).to(tl.float32)
+            y = xc * rstd[:, None] * wv[None, :] + bv[None, :]
+        else:
+            y = x
+        if ROPE:
+            dq = d ^ 1                                   # RoPE rotates the pairs (0, 1), (2, 3), ...
+            xp = tl.load(src_row + dq[None, :], mask=m2, other=0.0).to(tl.float32)
+            if NORM:
+                wp = tl.load(w + dq, mask=dmask, other=0.0).to(tl.float32)
+                bp = tl.load(b + dq, mask=dmask, other=0.0).to(tl.float32)
+                yp = (xp - mean[:, None]) * rstd[:, None] * wp[None, :] + bp[None, :]
+            else:
+                yp = xp
+            y = y.to(dst.dtype.element_ty).to(tl.float32)     # the normed tensor, as the unfused code has it
+            yp = yp.to(dst.dtype.element_ty).to(tl.float32)
+            t = (rows % n_tok)[:, None] * D + d[None, :]
+            c = tl.load(cos + t, mask=m2, other=0.0)
+            s = tl.load(sin + t, mask=m2, other=0.0)
+            y = y * c + tl.where(d % 2 == 0, -1.0, 1.0)[None, :] * yp * s
+        y = tl.where(m2, y * q_scale, 0.0)
+        out = dst + rows[:, None].to(tl.int64) * (H * DP) + h * DP + d[None, :]
+        tl.store(out, y.to(dst.dtype.element_ty), mask=rmask[:, None] & (d < DP)[None, :])
+
+    @triton.jit
+    def _cat_layer_norm_kernel(a, c, w, b, out, R, K, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        k = tl.arange(0, BLOCK)
+        km = k < K
+        m = (rows < R)[:, None] & km[None, :]
+        off = rows[:, None].to(tl.int64) * K + k[None, :]
+        xa = tl.load(a + off, mask=m, other=0.0).to(tl.float32)
+        xc = tl.load(c + off, mask=m, other=0.0).to(tl.float32)
+        mean = (tl.sum(xa, axis=1) + tl.sum(xc, axis=1)) / (2 * K)
+        da = tl.where(m, xa - mean[:, None], 0.0)
+        dc = tl.where(m, xc - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(da * da, axis=1) + tl.sum(dc * dc, axis=1)) / (2 * K) + eps)
+        wa = tl.load(w + k, mask=km, other=0.0).to(tl.float32)[None, :]
+        wc = tl.load(w + K + k, mask=km, other=0.0).to(tl.float32)[None, :]
+        ba = tl.load(b + k, mask=km, other=0.0).to(tl.float32)[None, :]
+        bc = tl.load(b + K + k, mask=km, other=0.0).to(tl.float32)[None, :]
+        ty = out.dtype.element_ty
+        o = out + rows[:, None].to(tl.int64) * (2 * K) + k[None, :]
+        tl.store(o, (da * rstd[:, None] * wa + ba).to(ty), mask=m)
+        tl.store(o + K, (dc * rstd[:, None] * wc + bc).to(ty), mask=m)
+
+
+def _layer_norm(x, norm):
+    w = norm.weight.to(x.dtype) if norm.weight is not None else None
+    b = norm.bias.to(x.dtype) if norm.bias is not None else None
+    return F.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
+
+
+def norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_scale=1.0):
+    """The unfused computation, same result layout: [B, H, N, pad_to] viewing [B, N, H, pad_to] storage."""
+    from .rope import rotate_pairs
+    b, n, _ = src.shape
+    x = src[..., col0: col0 + heads * head_dim].reshape(b, n, heads, head_dim)
+    if norm is not None:
+        x = _layer_norm(x, norm)
+    xf = x.float()
+    if rope is not None:                       # apply_rope's arithmetic, on token-major tensors
+        cos, sin = (t[:, None, :] for t in rope)
+        xf = xf * cos + rotate_pairs(xf) * sin
+    x = (xf * q_scale).to(x.dtype)
+    if pad_to > head_dim:
+        x = F.pad(x, (0, pad_to - head_dim))
+    return x.contiguous().transpose(1, 2)
+
+
+def norm_rope_pad(src: torch.Tensor, col0: int, heads: int, head_dim: int, norm, rope, pad_to: int,
+                  q_scale: float = 1.0) -> torch.Tensor:
+    """Attention input from a projection output src [B, N, width] (contiguous): columns col0 ..
+    col0 + heads*head_dim, per-head LayerNorm `norm` (or None), RoPE `rope` = (cos, sin) float32
+    [N, head_dim] (or None), times q_scale, zero-padded to pad_to. Returns [B, H, N, pad_to] (token-major
+    storage)."""
+    if not available(src.device):
+        return norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_scale)
+    b, n, width = src.shape
+    m = b * n
+    out = torch.empty(b, n, heads, pad_to, device=src.device, dtype=src.dtype)
+    w = norm.weight if norm is not None else src
+    bias = norm.bias if norm is not None else src
+    cos, sin = rope if rope is not None else (src, src)
+    block_t = 128 if INTERPRET else 32        # (the interpreter's cost is per program)
+    _norm_rope_pad_kernel[(triton.cdiv(m, block_t), heads)](
+        src[..., col0:], out, w, bias, cos, sin, m, n, width, norm.eps if norm is not None else 0.0,
+        q_scale, H=heads, D=head_dim, DP=pad_to, BLOCK_D=triton.next_power_of_2(pad_to), BLOCK_T=block_t,
+        NORM=norm is not None, ROPE=rope is not None, num_warps=4)
+    return out.transpose(1, 2)
+
+
+def cat_layer_norm_reference(x, skip, norm):
+    return _layer_norm(torch.cat([x, skip], dim=-1), norm)
+
+
+def cat_layer_norm(x: torch.Tensor, skip: torch.Tensor, norm) -> torch.Tensor:
+    """LayerNorm `norm` (affine) of cat([x, skip], -1), x and skip [..., K]."""
+    if not available(x.device) or norm.weight is None or norm.bias is None:
+        return cat_layer_norm_reference(x, skip, norm)
+    k = x.shape[-1]
+    x, skip = x.contiguous(), skip.contiguous()
+    out = torch.empty(*x.shape[:-1], 2 * k, device=x.device, dtype=x.dtype)
+    rows = x.numel() // k
+    block_r = 64 if INTERPRET else 1
+    _cat_layer_norm_kernel[(triton.cdiv(rows, block_r),)](x, skip, norm.weight, norm.bias, out, rows, k, norm.eps,
+                                                          BLOCK_R=block_r, BLOCK=triton.next_power_of_2(k),
+                                                          num_warps=8)
+    return out
+
+
+def pad_head_dim(t: torch.Tensor, pad_to: int) -> torch.Tensor:
+    """[..., d] -> [..., pad_to], zeros appended (the text K/V of the cross-attention, once per job)."""
+    return F.pad(t, (0, pad_to - t.shape[-1])) if pad_to > t.shape[-1] else t
+
+
+def softmax_rescale(head_dim: int, pad_to: int) -> float:
+    """Factor on q that makes attention's default scale 1/sqrt(pad_to) act as 1/sqrt(head_dim)."""
+    return math.sqrt(pad_to / head_dim)
