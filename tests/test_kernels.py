@@ -72,6 +72,18 @@ def test_cat_layer_norm_equals_norm_of_the_concatenation(dtype, tol):
     assert out.shape == (3, 5, 352) and _max_rel(out, ref) < tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_add_layer_norm_equals_the_add_then_the_norm(dtype, tol):
+    """(Triton's interpreter rounds float32 -> bf16 toward zero where GPUs round to nearest: bf16 agrees to
+    about an ulp here.)"""
+    torch.manual_seed(0)
+    x, delta = torch.randn(3, 5, 176).to(dtype), 2 * torch.randn(3, 5, 176).to(dtype)
+    norm = _norm(176, dtype)
+    with torch.no_grad():
+        (s, out), (s_ref, ref) = kernels.add_layer_norm(x, delta, norm), kernels.add_layer_norm_reference(x, delta, norm)
+    assert _max_rel(s, s_ref) < tol and _max_rel(out, ref) < tol
+
+
 def test_the_model_with_fused_kernels_equals_the_unfused_model(model_inputs):
     """Whole blocks with traced padded attention, and the split halves around an attention that
     communicates, in float32."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .attention import attention as attention_kernel
 from .config import HunyuanDiTConfig
-from .kernels import cat_layer_norm, norm_rope_pad, pad_head_dim, padded_head_dim, softmax_rescale
+from .kernels import add_layer_norm, cat_layer_norm, norm_rope_pad, pad_head_dim, padded_head_dim, softmax_rescale
 from .rope import TokenGrid, apply_rope, rope_table
 
 
@@ -207,6 +207,10 @@ class HunyuanDiTBlock(nn.Module):
 
     def after_attention(self, x, o, text_kv, rope, cross_backend: str):
         """Self-attention output projection and residual, cross-attention, MLP."""
+        if self.fused:                  # each residual add and the norm after it in one pass
+            x, h = add_layer_norm(x, self.attn1.out(o), self.norm3)
+            x, h = add_layer_norm(x, self.attn2(h, text_kv, rope, cross_backend), self.norm2)
+            return x + self.mlp(h)
         x = x + self.attn1.out(o)
         x = x + self.attn2(layer_norm32(x, self.norm3), text_kv, rope, cross_backend)
         return x + self.mlp(layer_norm32(x, self.norm2))
@@ -436,7 +440,8 @@ class HunyuanDiT(nn.Module):
     def use_fused_kernels(self, on: bool = True) -> bool:
         """The Triton kernels of model/kernels.py in every block (GPUs): q/k norm + RoPE + head padding in
         one pass per tensor, the padded attention output projected without a copy, the skip merge's norm
-        without the concatenation pass. False (and nothing changed) where Triton cannot run."""
+        without the concatenation pass, residual adds fused with the norms after them. False (and nothing
+        changed) where Triton cannot run."""
         from .kernels import available
         if on and not available(self.device):
             return False

@@ -7,7 +7,9 @@ reference (the unfused code, used on the CPU and where Triton is missing).
   then writes the attention output token-major too, and the output projection reads it without a copy
   (its weight zero-padded to match). Unfused, torch.compile spends ≈ 3 passes and 2 copies on this.
 - `cat_layer_norm`: the skip merge's LayerNorm over [x, skip] without materialising the concatenation
-  first (one pass instead of a statistics pass and a concatenating pass).
+  first (one pass instead of a statistics pass and a concatenating pass);
+- `add_layer_norm`: a residual add and the LayerNorm after it in one pass (before the cross-attention and
+  before the MLP).
 
 Arithmetic follows the unfused code: statistics and RoPE in float32, the normed value rounded to the
 tensor dtype before RoPE, one rounding at the end. On the CPU the kernels run under TRITON_INTERPRET=1 (the
@@ -47,6 +49,11 @@ def wanted(device: torch.device) -> bool:
     return available(device) and (device.type == "cuda" or v in ("1", "on", "true", "yes"))
 
 
+# launch configurations (rows per program, warps) on GPUs, from bench/kernel_bench.py on an H100
+NORM_ROPE_CONFIG = (4, 4)
+CAT_NORM_CONFIG = (1, 4)       # also the residual add + LayerNorm
+
+
 def padded_head_dim(d: int, multiple: int = 32) -> int:
     return d + (-d) % multiple
 
@@ -56,42 +63,36 @@ if triton is not None:
     def _norm_rope_pad_kernel(src, dst, w, b, cos, sin, M, n_tok, src_stride, eps, q_scale,
                               H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr):
-        pid = tl.program_id(0)
-        h = tl.program_id(1)
-        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        # one program: BLOCK_T tokens, every head in turn (each token's row is read and written in one sweep,
+        # its RoPE angles loaded once)
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         d = tl.arange(0, BLOCK_D)
         rmask = rows < M
         dmask = d < D
         m2 = rmask[:, None] & dmask[None, :]
-        src_row = src + rows[:, None].to(tl.int64) * src_stride + h * D
-        x = tl.load(src_row + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        src_rows = src + rows[:, None].to(tl.int64) * src_stride + d[None, :]
+        dst_rows = dst + rows[:, None].to(tl.int64) * (H * DP) + d[None, :]
+        smask = rmask[:, None] & (d < DP)[None, :]
         if NORM:
-            mean = tl.sum(x, axis=1) / D
-            xc = tl.where(m2, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-            wv = tl.load(w + d, mask=dmask, other=0.0).to(tl.float32)
-            bv = tl.load(b + d, mask=dmask, other=0.0).to(tl.float32)
-            y = xc * rstd[:, None] * wv[None, :] + bv[None, :]
-        else:
-            y = x
-        if ROPE:
-            dq = d ^ 1                                   # RoPE rotates the pairs (0, 1), (2, 3), ...
-            xp = tl.load(src_row + dq[None, :], mask=m2, other=0.0).to(tl.float32)
-            if NORM:
-                wp = tl.load(w + dq, mask=dmask, other=0.0).to(tl.float32)
-                bp = tl.load(b + dq, mask=dmask, other=0.0).to(tl.float32)
-                yp = (xp - mean[:, None]) * rstd[:, None] * wp[None, :] + bp[None, :]
-            else:
-                yp = xp
-            y = y.to(dst.dtype.element_ty).to(tl.float32)     # the normed tensor, as the unfused code has it
-            yp = yp.to(dst.dtype.element_ty).to(tl.float32)
+            wv = tl.load(w + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            bv = tl.load(b + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        if ROPE:                                          # pairs (0, 1), (2, 3), ... rotate together
             t = (rows % n_tok)[:, None] * D + d[None, :]
-            c = tl.load(cos + t, mask=m2, other=0.0)
-            s = tl.load(sin + t, mask=m2, other=0.0)
-            y = y * c + tl.where(d % 2 == 0, -1.0, 1.0)[None, :] * yp * s
-        y = tl.where(m2, y * q_scale, 0.0)
-        out = dst + rows[:, None].to(tl.int64) * (H * DP) + h * DP + d[None, :]
-        tl.store(out, y.to(dst.dtype.element_ty), mask=rmask[:, None] & (d < DP)[None, :])
+            ce, co = tl.split(tl.reshape(tl.load(cos + t, mask=m2, other=0.0), (BLOCK_T, BLOCK_D // 2, 2)))
+            se, so = tl.split(tl.reshape(tl.load(sin + t, mask=m2, other=0.0), (BLOCK_T, BLOCK_D // 2, 2)))
+        for h in range(H):
+            y = tl.load(src_rows + h * D, mask=m2, other=0.0).to(tl.float32)
+            if NORM:
+                mean = tl.sum(y, axis=1) / D
+                yc = tl.where(m2, y - mean[:, None], 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / D + eps)
+                y = yc * rstd[:, None] * wv + bv
+            if ROPE:
+                y = y.to(dst.dtype.element_ty).to(tl.float32)     # the normed tensor, as unfused
+                ye, yo = tl.split(tl.reshape(y, (BLOCK_T, BLOCK_D // 2, 2)))
+                y = tl.reshape(tl.interleave(ye * ce - yo * se, yo * co + ye * so), (BLOCK_T, BLOCK_D))
+            y = tl.where(m2, y * q_scale, 0.0)
+            tl.store(dst_rows + h * DP, y.to(dst.dtype.element_ty), mask=smask)
 
     @triton.jit
     def _cat_layer_norm_kernel(a, c, w, b, out, R, K, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
@@ -114,6 +115,26 @@ if triton is not None:
         o = out + rows[:, None].to(tl.int64) * (2 * K) + k[None, :]
         tl.store(o, (da * rstd[:, None] * wa + ba).to(ty), mask=m)
         tl.store(o + K, (dc * rstd[:, None] * wc + bc).to(ty), mask=m)
+
+
+    @triton.jit
+    def _add_layer_norm_kernel(x, delta, w, b, x_out, out, R, K, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        k = tl.arange(0, BLOCK)
+        km = k < K
+        m = (rows < R)[:, None] & km[None, :]
+        off = rows[:, None].to(tl.int64) * K + k[None, :]
+        ty = out.dtype.element_ty
+        s = (tl.load(x + off, mask=m, other=0.0).to(tl.float32)
+             + tl.load(delta + off, mask=m, other=0.0).to(tl.float32)).to(ty)     # the residual, rounded
+        tl.store(x_out + off, s, mask=m)
+        v = s.to(tl.float32)
+        mean = tl.sum(v, axis=1) / K
+        dv = tl.where(m, v - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(dv * dv, axis=1) / K + eps)
+        wv = tl.load(w + k, mask=km, other=0.0).to(tl.float32)[None, :]
+        bv = tl.load(b + k, mask=km, other=0.0).to(tl.float32)[None, :]
+        tl.store(out + off, (dv * rstd[:, None] * wv + bv).to(ty), mask=m)
 
 
 def _layer_norm(x, norm):
@@ -140,11 +161,11 @@ def norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_sc
 
 
 def norm_rope_pad(src: torch.Tensor, col0: int, heads: int, head_dim: int, norm, rope, pad_to: int,
-                  q_scale: float = 1.0) -> torch.Tensor:
+                  q_scale: float = 1.0, *, block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Attention input from a projection output src [B, N, width] (contiguous): columns col0 ..
     col0 + heads*head_dim, per-head LayerNorm `norm` (or None), RoPE `rope` = (cos, sin) float32
     [N, head_dim] (or None), times q_scale, zero-padded to pad_to. Returns [B, H, N, pad_to] (token-major
-    storage)."""
+    storage). block_t / num_warps: launch configuration (bench/kernel_bench.py sweeps them)."""
     if not available(src.device):
         return norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_scale)
     b, n, width = src.shape
@@ -153,11 +174,11 @@ def norm_rope_pad(src: torch.Tensor, col0: int, heads: int, head_dim: int, norm,
     w = norm.weight if norm is not None else src
     bias = norm.bias if norm is not None else src
     cos, sin = rope if rope is not None else (src, src)
-    block_t = 128 if INTERPRET else 32        # (the interpreter's cost is per program)
-    _norm_rope_pad_kernel[(triton.cdiv(m, block_t), heads)](
+    block_t = block_t or (128 if INTERPRET else NORM_ROPE_CONFIG[0])    # (the interpreter's cost is per program)
+    _norm_rope_pad_kernel[(triton.cdiv(m, block_t),)](
         src[..., col0:], out, w, bias, cos, sin, m, n, width, norm.eps if norm is not None else 0.0,
         q_scale, H=heads, D=head_dim, DP=pad_to, BLOCK_D=triton.next_power_of_2(pad_to), BLOCK_T=block_t,
-        NORM=norm is not None, ROPE=rope is not None, num_warps=4)
+        NORM=norm is not None, ROPE=rope is not None, num_warps=num_warps or NORM_ROPE_CONFIG[1])
     return out.transpose(1, 2)
 
 
@@ -165,7 +186,8 @@ def cat_layer_norm_reference(x, skip, norm):
     return _layer_norm(torch.cat([x, skip], dim=-1), norm)
 
 
-def cat_layer_norm(x: torch.Tensor, skip: torch.Tensor, norm) -> torch.Tensor:
+def cat_layer_norm(x: torch.Tensor, skip: torch.Tensor, norm, *, block_r: int | None = None,
+                   num_warps: int | None = None) -> torch.Tensor:
     """LayerNorm `norm` (affine) of cat([x, skip], -1), x and skip [..., K]."""
     if not available(x.device) or norm.weight is None or norm.bias is None:
         return cat_layer_norm_reference(x, skip, norm)
@@ -173,11 +195,32 @@ def cat_layer_norm(x: torch.Tensor, skip: torch.Tensor, norm) -> torch.Tensor:
     x, skip = x.contiguous(), skip.contiguous()
     out = torch.empty(*x.shape[:-1], 2 * k, device=x.device, dtype=x.dtype)
     rows = x.numel() // k
-    block_r = 64 if INTERPRET else 1
+    block_r = block_r or (64 if INTERPRET else CAT_NORM_CONFIG[0])
     _cat_layer_norm_kernel[(triton.cdiv(rows, block_r),)](x, skip, norm.weight, norm.bias, out, rows, k, norm.eps,
                                                           BLOCK_R=block_r, BLOCK=triton.next_power_of_2(k),
-                                                          num_warps=8)
+                                                          num_warps=num_warps or CAT_NORM_CONFIG[1])
     return out
+
+
+def add_layer_norm_reference(x, delta, norm):
+    x = x + delta
+    return x, _layer_norm(x, norm)
+
+
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, norm, *, block_r: int | None = None,
+                   num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, LayerNorm `norm` (affine) of x + delta): a residual add and the next norm in one pass."""
+    if not available(x.device) or norm.weight is None or norm.bias is None or delta.dtype != x.dtype:
+        return add_layer_norm_reference(x, delta, norm)
+    k = x.shape[-1]
+    x, delta = x.contiguous(), delta.contiguous()
+    x_out, out = torch.empty_like(x), torch.empty_like(x)
+    rows = x.numel() // k
+    block_r = block_r or (64 if INTERPRET else CAT_NORM_CONFIG[0])
+    _add_layer_norm_kernel[(triton.cdiv(rows, block_r),)](x, delta, norm.weight, norm.bias, x_out, out, rows, k,
+                                                          norm.eps, BLOCK_R=block_r, BLOCK=triton.next_power_of_2(k),
+                                                          num_warps=num_warps or CAT_NORM_CONFIG[1])
+    return x_out, out
 
 
 def pad_head_dim(t: torch.Tensor, pad_to: int) -> torch.Tensor:
