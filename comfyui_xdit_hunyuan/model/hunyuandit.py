@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .attention import attention as attention_kernel
 from .config import HunyuanDiTConfig
+from . import kernels
 from .kernels import add_layer_norm, cat_layer_norm, norm_rope_pad, pad_head_dim, padded_head_dim, softmax_rescale
 from .rope import TokenGrid, apply_rope, rope_table
 
@@ -442,8 +443,7 @@ class HunyuanDiT(nn.Module):
         one pass per tensor, the padded attention output projected without a copy, the skip merge's norm
         without the concatenation pass, residual adds fused with the norms after them. False (and nothing
         changed) where Triton cannot run."""
-        from .kernels import available
-        if on and not available(self.device):
+        if on and not kernels.available(self.device):
             return False
         for blk in self.blocks:
             blk.fused = blk.attn1.fused = blk.attn2.fused = on

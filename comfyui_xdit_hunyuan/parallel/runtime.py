@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..job import Job, JobError
-from ..model import HunyuanDiT
-from ..model import kernels
+from ..model import HunyuanDiT, kernels
 from ..model.attention import resolve_backend
 from ..plan import ParallelConfig
 from .graphs import GraphCache, graphs_mode
