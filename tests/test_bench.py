@@ -29,7 +29,7 @@ def test_bench_sweeps_and_merges(tmp_path):
         assert r["seconds"] > 0 and r["cold_first_image_seconds"] >= r["seconds"] > 0
         assert 0 <= r["pool_overhead_seconds"] < r["seconds"]
         parts = r["overhead_parts"]          # checks, delivery to the last rank, return of the last answer
-        assert set(parts) == {"checks", "delivery", "return"} and all(0 <= v < r["seconds"] for v in parts.values())
+        assert set(parts) == {"checks", "wiring", "delivery", "return"} and all(0 <= v < r["seconds"] for v in parts.values())
         assert sum(parts.values()) <= r["pool_overhead_seconds"] + 0.05
         assert len(r["ranks"]) == r["devices"] and all(len(k["step_seconds"]) == 3 for k in r["ranks"][:1])
     assert "| 2 | cfg2 | 64² | 3 | eager |" in p.stdout

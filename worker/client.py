@@ -290,6 +290,7 @@ class PoolClient:
         if self.runtime == P.DEFAULT_RUNTIME:
             for warning in self._validate(job, plan, model_config):
                 self.log.warning(warning)
+        checked = time.time()
         with self._lock:
             if not self._idle_and_healthy():
                 self._teardown()
@@ -300,7 +301,7 @@ class PoolClient:
                                 f"plan for this pool's devices")
             self._job_id += 1
             wire, staged = self._wire_job(job)
-            self._wall = {"submitted": submitted, "answers": {}}
+            self._wall = {"submitted": submitted, "checked": checked, "answers": {}}
             try:
                 return self._run(self._job_id, wire, plan, staged, on_progress, cancel)
             finally:
@@ -395,14 +396,15 @@ class PoolClient:
             self._loaded_identity = job.weights.identity if done else None
 
     def _overhead(self, ranks: list[dict]) -> dict | None:
-        """Where a job's time beyond the ranks' own work went (seconds): checks and wiring in the client,
-        delivery until the last rank started, and from the last rank's end to the last answer here."""
+        """Where a job's time beyond the ranks' own work went (seconds): the job's checks and its wiring
+        (pool health, serialising, posting) in the client, delivery until the last rank started, and from the
+        last rank's end to the last answer here."""
         wall = self._wall
         walls = [r.get("wall") or {} for r in ranks]
         if not wall or "sent" not in wall or not all(w.get("started") and w.get("finished") for w in walls):
             return None
         answered = max(wall["answers"].values(), default=None)
-        return {"checks": wall["sent"] - wall["submitted"],
+        return {"checks": wall["checked"] - wall["submitted"], "wiring": wall["sent"] - wall["checked"],
                 "delivery": max(w["started"] for w in walls) - wall["sent"],
                 "return": None if answered is None else answered - max(w["finished"] for w in walls)}
 

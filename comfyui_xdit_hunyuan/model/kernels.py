@@ -169,6 +169,11 @@ def norm_rope_pad(src: torch.Tensor, col0: int, heads: int, head_dim: int, norm,
     if not available(src.device):
         return norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_scale)
     b, n, width = src.shape
+    if rope is not None and tuple(rope[0].shape) != (n, head_dim):
+        raise ValueError(f"RoPE tables of shape {tuple(rope[0].shape)} for {n} tokens of head dim {head_dim}")
+    src = src.contiguous()
+    if rope is not None:
+        rope = tuple(t.contiguous() for t in rope)
     m = b * n
     out = torch.empty(b, n, heads, pad_to, device=src.device, dtype=src.dtype)
     w = norm.weight if norm is not None else src
