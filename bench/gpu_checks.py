@@ -110,27 +110,41 @@ def check_syncs_and_speed(skip_compile: bool):
               f"(20 steps {dt:.2f} s -> 50 steps {2.5 * dt:.2f} s)", flush=True)
 
 
-def check_graphs(steps: int, pixels: int = 1024):
-    print(f"== CUDA graphs of the model call, compiled, {pixels}^2, {steps} steps ==")
+def compiled_full_model():
+    """Full-size random bf16 model as a GPU worker sets it up (fused GELU, padded attention, compiled)."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     model = random_model("full", seed=0, dtype=dt, device=dev)
     model.use_fused_gelu()
     model.cross_backend = backend = resolve_backend("auto", dev, dt, in_graph=True)
     model.compile_blocks()
+    return model, backend
+
+
+def timed_job(runner: Runner, pixels: int, steps: int, scale: float):
+    """A 3-step warm-up job (compiles; with graphs: plain call, record, replay), then the timed job:
+    (latent, ms per step, warm-up seconds)."""
+    warm = one_rank_job(pixels, 3)
+    warm.cfg = scale
+    t0 = time.perf_counter()
+    runner.run(warm)
+    first = time.perf_counter() - t0
+    job = one_rank_job(pixels, steps)
+    job.cfg = scale
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = runner.run(job)
+    return out, 1000 * (time.perf_counter() - t0) / steps, first
+
+
+def check_graphs(steps: int, pixels: int = 1024):
+    print(f"== CUDA graphs of the model call, compiled, {pixels}^2, {steps} steps ==")
+    model, backend = compiled_full_model()
     plan, cache = ParallelConfig(compile=True), GraphCache()
     for scale in (5.0, 1.0):
         outs, ms = {}, {}
         for name, graphs in (("plain", None), ("graphs", cache)):
             runner = Runner(model, build_mesh({}, 0), plan, backend=backend, graphs=graphs)
-            warm = one_rank_job(pixels, 3)
-            warm.cfg = scale
-            runner.run(warm)                            # compile; with graphs: plain call, record, replay
-            job = one_rank_job(pixels, steps)
-            job.cfg = scale
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            outs[name] = runner.run(job)
-            ms[name] = 1000 * (time.perf_counter() - t0) / steps
+            outs[name], ms[name], _ = timed_job(runner, pixels, steps, scale)
         a, b = outs["plain"], outs["graphs"]
         rel = ((a - b).norm() / a.norm()).item()
         print(f"  batch {2 if scale != 1.0 else 1}: plain {ms['plain']:.1f} ms/step, graphs {ms['graphs']:.1f} ms/step; "
@@ -140,11 +154,7 @@ def check_graphs(steps: int, pixels: int = 1024):
 
 def check_fused(steps: int, pixels: int = 1024):
     print(f"== fused Triton kernels vs none, compiled, CUDA graphs, {pixels}^2, {steps} steps ==")
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    model = random_model("full", seed=0, dtype=dt, device=dev)
-    model.use_fused_gelu()
-    model.cross_backend = backend = resolve_backend("auto", dev, dt, in_graph=True)
-    model.compile_blocks()
+    model, backend = compiled_full_model()
     plan = ParallelConfig(compile=True)
     outs, ms = {}, {}
     for name in ("unfused", "fused"):
@@ -152,17 +162,7 @@ def check_fused(steps: int, pixels: int = 1024):
         cache = GraphCache()
         for scale in (5.0, 1.0):
             runner = Runner(model, build_mesh({}, 0), plan, backend=backend, graphs=cache)
-            warm = one_rank_job(pixels, 3)
-            warm.cfg = scale
-            t0 = time.perf_counter()
-            runner.run(warm)
-            first = time.perf_counter() - t0
-            job = one_rank_job(pixels, steps)
-            job.cfg = scale
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            outs[name, scale] = runner.run(job)
-            ms[name, scale] = 1000 * (time.perf_counter() - t0) / steps
+            outs[name, scale], ms[name, scale], first = timed_job(runner, pixels, steps, scale)
             print(f"  {name} batch {2 if scale != 1.0 else 1}: {ms[name, scale]:.1f} ms/step "
                   f"({steps} steps {ms[name, scale] * steps / 1000:.2f} s; first 3-step job {first:.1f} s); "
                   f"graphs recorded {cache.captures}, failed {cache.failures}", flush=True)
