@@ -1,21 +1,28 @@
 """ComfyUI entry point of the xDiT HunyuanDiT node pack.
 
-ComfyUI imports this folder by its path; the pack root is put on sys.path so the engine
-(`comfyui_xdit_hunyuan`) and the pool (`worker`) import absolutely, here and in the worker processes.
-Nothing heavy and nothing from ComfyUI is imported until ComfyUI calls comfy_entrypoint, so importing the
-pack outside ComfyUI works.
+ComfyUI imports this folder by its path. The engine (`comfyui_xdit_hunyuan`, with the worker pool of the
+`worker/` folder as `comfyui_xdit_hunyuan.worker`) is an installed package: `pip install -e` of this folder
+(what the README's install step and install.py do) maps both to this clone, so nothing edits sys.path and
+no other pack's modules can shadow ours. Nothing heavy and nothing from ComfyUI is imported until ComfyUI
+calls comfy_entrypoint, so importing the pack outside ComfyUI works.
 """
-import os
-import sys
+import logging
 
-_ROOT = os.path.dirname(os.path.abspath(__file__))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+NOT_INSTALLED = ("the xDiT HunyuanDiT node pack is not installed in ComfyUI's Python: run "
+                 "`python -m pip install -e {folder}` with ComfyUI's Python, then restart ComfyUI")
 
 
 async def comfy_entrypoint():
     """V3 registration: ComfyUI awaits this and asks the extension for its node classes."""
+    try:
+        import comfyui_xdit_hunyuan.worker.client as pool
+    except ImportError as e:
+        import os
+        msg = NOT_INSTALLED.format(folder=os.path.dirname(os.path.abspath(__file__)))
+        logging.getLogger("xdit_hunyuan").error("%s (%s)", msg, e)
+        raise ImportError(msg) from e
     from .nodes import XDiTHunyuanExtension  # needs comfy_api, present only inside ComfyUI
+    pool.close_pools_on_sigterm()             # ComfyUI loads packs on its main thread
     return XDiTHunyuanExtension()
 
 

@@ -67,9 +67,8 @@ class XDiTHunyuanDiTSampler(io.ComfyNode):
                          hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def validate_inputs(cls, steps, cfg, sampler_name, scheduler, denoise) -> bool | str:
-        return glue.validate_sampler_inputs(steps=steps, cfg=cfg, sampler_name=sampler_name,
-                                            scheduler=scheduler, denoise=denoise)
+    def validate_inputs(cls, sampler_name) -> bool | str:
+        return glue.validate_sampler_name(sampler_name)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,

@@ -60,8 +60,7 @@ def measure(client, job: Job, plan: ParallelConfig, repeats: int) -> dict:
 
 
 def run_bench(args) -> dict:
-    from .pool import client_module
-    PoolClient = client_module().PoolClient
+    from .worker.client import PoolClient
 
     devices = parse_devices(args.devices)
     counts = [int(x) for x in args.gpus.split(",")] if args.gpus else sorted({1, 2, 4, 8, len(devices)} & set(range(1, len(devices) + 1)))

@@ -388,9 +388,9 @@ def print_settings(title: str, s: Settings, hw: tuple[int, int], patch: int, mod
 
 # ====================================================================== the pool
 def pool_module():
-    """worker.client of this pack (found even when another package named `worker` is importable)."""
-    from .pool import client_module
-    return client_module()
+    """The worker pool's client module (imported when a command needs it: it brings torch's start-up cost)."""
+    from .worker import client
+    return client
 
 
 @dataclass
@@ -854,6 +854,8 @@ COMMANDS = {"demo": run_demo, "generate": run_generate, "bench": run_bench}
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .worker.client import close_pools_on_sigterm
+    close_pools_on_sigterm()                       # a killed run leaves no pool folder behind
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:

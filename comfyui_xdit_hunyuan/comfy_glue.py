@@ -203,11 +203,23 @@ def build_parallel_config(devices: str = "all", strategy: str = "auto", cfg_degr
     config = ParallelConfig(devices=devices.strip() or "all", strategy=strategy, attention=attention,
                             dtype=dtype, compile=bool(compile), **ints)
     config.validate()
+    for spec in CONFIG_INPUTS:
+        if spec.name in ints:
+            check_declared(spec, ints[spec.name])
     n = len(parse_devices(config.devices, cuda_count))
     if config.strategy == "manual":
         # the image size does not matter to manual degrees; resolve() checks the product against n
         resolve(config, n, (128, 128), True)
     return config
+
+
+def check_declared(spec: InputSpec, value: float) -> None:
+    """The range a number widget declares. ComfyUI checks it itself only for inputs that the node's validate_inputs
+    does not take, and a linked value is never checked by it: PlanError saying what to change."""
+    if spec.min is not None and value < spec.min:
+        raise PlanError(f"{spec.name} is {value}; use at least {spec.min:g}")
+    if spec.max is not None and value > spec.max:
+        raise PlanError(f"{spec.name} is {value}; use at most {spec.max:g}")
 
 
 def validate_parallel_inputs(**values) -> bool | str:
@@ -283,17 +295,22 @@ def check_sampler_inputs(steps, cfg, sampler_name, scheduler, denoise, *, schedu
     map_sampler(sampler_name, samplers)
 
 
-def validate_sampler_inputs(steps=None, cfg=None, sampler_name=None, scheduler=None, denoise=None) -> bool | str:
-    """For the sampler node's validate_inputs (runs when the prompt is queued): True or the message."""
-    values = dict(steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise)
-    if any(v is None for v in values.values()):
+def validate_sampler_name(sampler_name=None) -> bool | str:
+    """For the sampler node's validate_inputs (runs when the prompt is queued): True or the message. It takes
+    the sampler name alone, so ComfyUI still checks the other widgets against their declared ranges and
+    lists, and reports a rejected name once (it repeats a validate_inputs message for every input the
+    function takes)."""
+    if sampler_name is None:
         return True                       # fed by a link: checked when the node runs
     try:
         try:
-            schedulers, comfy_samplers = OPTION_SOURCES["schedulers"](), OPTION_SOURCES["samplers"]()
+            comfy_samplers = OPTION_SOURCES["samplers"]()
         except ImportError:
-            schedulers = comfy_samplers = None
-        check_sampler_inputs(**values, schedulers=schedulers, comfy_samplers=comfy_samplers)
+            comfy_samplers = None
+        if comfy_samplers is not None and sampler_name not in comfy_samplers:
+            raise JobError(f"sampler '{sampler_name}' is unknown to this ComfyUI; choose one of: "
+                           f"{', '.join(comfy_samplers)}")
+        map_sampler(sampler_name)
     except JobError as e:
         return str(e)
     return True
@@ -494,6 +511,11 @@ def hunyuan_sigmas(linear_start: float = 0.00085, linear_end: float = 0.018, tim
     return ((1 - ac) / ac) ** 0.5
 
 
+# What TorchCompileModel adds (comfy_api.torch_helpers): a wrapper of the model call and its settings. Neither
+# changes the result, so both are accepted.
+TORCH_COMPILE_WRAPPER = "torch.compile"
+TORCH_COMPILE_OPTION = "torch_compile_kwargs"
+
 # model_options keys and patcher features that change what KSampler computes; the message says which
 # kind of node sets them.
 _MODEL_OPTION_HINTS = {
@@ -525,10 +547,12 @@ def check_model(model) -> HunyuanDiTConfig:
     except NotHunyuanDiTError as e:
         raise JobError(f"the MODEL's weights are not a HunyuanDiT this pack can run: {e}") from e
 
-    found = []
+    found, compiled = [], False
     opts = getattr(model, "model_options", {}) or {}
     for k, v in opts.items():
-        if k == "transformer_options":
+        if k == TORCH_COMPILE_OPTION:     # TorchCompileModel's settings; the workers compile on their own
+            compiled = True
+        elif k == "transformer_options":
             for tk, tv in (v or {}).items():
                 if tv:
                     found.append(f"transformer_options['{tk}'] (a model patch node)")
@@ -538,9 +562,8 @@ def check_model(model) -> HunyuanDiTConfig:
         for key, fns in (by_key or {}).items():
             if not fns:
                 continue
-            if key == "torch.compile":
-                log.info("xDiT: the MODEL's torch.compile wrapper is not used by the workers; set compile on "
-                         "the xDiT Parallel Config node instead")
+            if key == TORCH_COMPILE_WRAPPER:
+                compiled = True
                 continue
             found.append(f"a '{wtype}' wrapper '{key}'")
     for ctype, by_key in (getattr(model, "callbacks", None) or {}).items():
@@ -560,6 +583,9 @@ def check_model(model) -> HunyuanDiTConfig:
                        f"the node that adds it between the loader and this sampler (LoRA loaders are fine), or use "
                        f"KSampler")
     check_model_sampling(model, cfg)
+    if compiled:
+        log.info("xDiT: the MODEL went through TorchCompileModel; the workers do not use ComfyUI's compiled "
+                 "model, they compile their own (the compile option of the xDiT Parallel Config node)")
     return cfg
 
 
@@ -609,19 +635,36 @@ def model_identity(model) -> str:
     return ident
 
 
+def comfy_patched_keys(model) -> frozenset[str]:
+    """The keys (with the 'diffusion_model.' prefix) whose patches ComfyUI applies when it loads the MODEL
+    for KSampler: ModelPatcher.load patches the parameters of the modules its `_load_list()` returns, and
+    no others (a module that has parameters of its own *and* child modules, such as HunyuanDiT's top level
+    with `text_embedding_padding` or the attention pool with `positional_embedding`, is left out, so
+    patches of those parameters are never applied). Asking ComfyUI for that list, instead of deciding here,
+    keeps every merge node, LoRA and future patch type on KSampler's weights."""
+    load_list = getattr(model, "_load_list", None)
+    if load_list is None:
+        raise JobError("this ComfyUI's ModelPatcher has no _load_list(), which the xDiT sampler uses to apply a "
+                       "MODEL's patches exactly as KSampler does; use the ComfyUI version this node pack supports "
+                       "(0.3.64 or newer) or update the node pack")
+    listed = {f"{name}.{param}" for _, name, _, params in load_list() for param in params}
+    return frozenset(k for k in (model.patches or {}) if k.startswith(PREFIX) and k in listed)
+
+
 class PatchedStateDict(Mapping):
-    """The MODEL's diffusion-model weights under canonical names (no 'diffusion_model.' prefix), with
-    the MODEL's patches (LoRA, merges) applied by ComfyUI's own comfy.lora.calculate_weight on the CPU,
-    one key at a time, when the key is read. The model is never patched or moved, so ComfyUI's model
-    management is not disturbed. Unpatched weights are returned as stored (read-only views; may be
-    on the device ComfyUI keeps them on). Pickling materialises a plain dict."""
+    """The MODEL's diffusion-model weights under canonical names (no 'diffusion_model.' prefix) as KSampler
+    runs them: the keys ComfyUI patches (`comfy_patched_keys`) get the MODEL's patches applied, the way
+    ModelPatcher.patch_weight_to_device does for a full load: the stored weight (the backup while ComfyUI
+    holds the model patched in place) cast to float32 on the MODEL's load device, its convert function,
+    comfy.lora.calculate_weight, then ComfyUI's rounding back to the stored dtype. Every other key is the
+    stored weight as it is. Computed one key at a time when read; the model itself is never patched or
+    moved, so ComfyUI's model management is not disturbed. Pickling materialises a plain dict on the CPU."""
 
     def __init__(self, model):
         self._model = model
         self._keys = [k[len(PREFIX):] for k in model.model_state_dict(filter_prefix=PREFIX)]
         self._key_set = frozenset(self._keys)
-        self._patches = {k: v for k, v in model.patches.items() if k.startswith(PREFIX)} if model.patches else {}
-        self._entries = model.get_key_patches(PREFIX) if self._patches else None
+        self._patched = comfy_patched_keys(model) if model.patches else frozenset()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -632,32 +675,38 @@ class PatchedStateDict(Mapping):
     def __contains__(self, key) -> bool:
         return key in self._key_set
 
+    @property
+    def patched(self) -> frozenset[str]:
+        """Canonical names of the keys whose value differs from the stored weight."""
+        return frozenset(k[len(PREFIX):] for k in self._patched)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._key_set:
             raise KeyError(name)
         full = PREFIX + name
         import comfy.model_patcher as mp  # noqa: PLC0415 - ComfyUI only
-        if self._entries is not None and full in self._entries:
-            weight = self._entries[full][0][0]
-        else:
-            weight, _, _ = mp.get_key_weight(self._model.model, full)
-            backup = self._model.backup.get(full)
-            if backup is not None:
-                weight = backup.weight
-        _, set_func, convert_func = mp.get_key_weight(self._model.model, full)
-        patches = self._patches.get(full)
-        if not patches and convert_func is None:
+        weight, set_func, convert_func = mp.get_key_weight(self._model.model, full)
+        backup = self._model.backup.get(full)
+        if backup is not None:          # ComfyUI holds the model patched in place: start from the original
+            weight = backup.weight
+        if full not in self._patched and convert_func is None:
             return weight.detach()
         import comfy.float  # noqa: PLC0415
         import comfy.lora  # noqa: PLC0415
-        temp = weight.detach().to("cpu", torch.float32, copy=True)
+        import comfy.model_management as mm  # noqa: PLC0415
+        temp = mm.cast_to_device(weight.detach(), self._model.load_device, torch.float32, copy=True)
+        if full not in self._patched:         # a quantised layout: the weight its layer computes with
+            return convert_func(temp, inplace=True)
         if convert_func is not None:
             temp = convert_func(temp, inplace=True)
-        if patches:
-            temp = comfy.lora.calculate_weight(patches, temp, full)
-        if set_func is None and convert_func is None:
-            return comfy.float.stochastic_rounding(temp, weight.dtype, seed=mp.string_to_seed(full))
-        return temp          # quantised layouts: float32, the workers cast to their dtype
+        temp = comfy.lora.calculate_weight(self._model.patches[full], temp, full)
+        seed = mp.string_to_seed(full)
+        if set_func is None:
+            return comfy.float.stochastic_rounding(temp, weight.dtype, seed=seed)
+        # a quantised layout stores the patched weight re-quantised (as LowVramPatch does) and computes with
+        # its converted value: the workers get that value in float32 and cast it to their dtype
+        stored = set_func(temp, seed=seed, return_weight=True)
+        return convert_func(stored.to(torch.float32), inplace=True) if convert_func is not None else stored
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return {k: self[k].to("cpu") for k in self._keys}
@@ -722,8 +771,8 @@ class ComfyBackend:
         raise mm.InterruptProcessingException()
 
     def get_pool(self, config: ParallelConfig):
-        from .pool import client_module  # noqa: PLC0415 - another pack's `worker` must not shadow ours
-        return client_module().get_pool(config)
+        from .worker.client import get_pool  # noqa: PLC0415 - started on first use
+        return get_pool(config)
 
 
 class ComfyProgress:

@@ -6,10 +6,18 @@ import os
 # The Triton kernels of model/kernels.py run on the CPU through Triton's interpreter (read when they are
 # defined, so before the package is imported; worker processes inherit it).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Worker processes that host the tests' stand-in runtime (tests.fake_runtime) import it from the repository.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+try:
+    import comfyui_xdit_hunyuan.worker  # noqa: E402,F401 - the worker pool, mapped from worker/ by the install
+except ImportError as e:  # pragma: no cover - a setup problem, said once instead of in every test
+    raise pytest.UsageError(f"the pack is not installed ({e}): run `python -m pip install -e .` in the "
+                            f"repository first (requirements-test.txt does)") from e
 from comfyui_xdit_hunyuan.model import HunyuanDiTConfig  # noqa: E402
 from comfyui_xdit_hunyuan.tiny import random_cond, random_model  # noqa: E402
 

@@ -153,3 +153,25 @@ def test_preview_uses_the_sdxl_latent_rgb_factors():
     assert np.abs(rgb.astype(int) - expect.astype(int)).max() <= 1
     # a LATENT's samples (VAE space) are first multiplied by the SDXL scale factor 0.13025
     assert np.abs(latent_to_rgb(latent / 0.13025).astype(int) - rgb.astype(int)).max() <= 1
+
+
+def test_pip_install_into_an_empty_folder_runs_the_demo_from_another_directory(tmp_path):
+    """The wheel holds the whole pack, the worker pool included (as comfyui_xdit_hunyuan.worker): installed
+    into an empty folder, the demo runs from elsewhere with nothing of the clone on its path."""
+    site, work = tmp_path / "site", tmp_path / "elsewhere"
+    work.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(ROOT)], check=True, timeout=300, capture_output=True)
+    assert (site / "comfyui_xdit_hunyuan" / "worker" / "main.py").is_file()
+    assert not (site / "worker").exists()                    # no top-level `worker` to clash with others'
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+    where = subprocess.run([sys.executable, "-P", "-c", "import comfyui_xdit_hunyuan.worker.client as c; "
+                            "print(c.__file__)"], cwd=work, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.strip().startswith(str(site)), where.stdout
+    p = subprocess.run([sys.executable, "-P", "-m", "comfyui_xdit_hunyuan", "demo", "--devices", "cpu:2",
+                        "--cfg", "2", *TINY, "--out", "out"], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (work / "out" / "latent.safetensors").is_file() and (work / "out" / "run.json").is_file()
+    assert (work / "out" / "preview.png").is_file()

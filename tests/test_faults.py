@@ -15,7 +15,7 @@ from comfyui_xdit_hunyuan.model.loading import save_checkpoint
 from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError, parse_devices
 from comfyui_xdit_hunyuan.tiny import random_model
 from parallel_harness import PRESET, make_job, rel_err, run_on_mesh
-from worker.client import PoolClient
+from comfyui_xdit_hunyuan.worker.client import PoolClient
 
 CFG2 = ParallelConfig(devices="cpu:2", cfg_degree=2)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -249,19 +250,23 @@ def test_sampler_node_hands_everything_to_the_glue(fake_nodes, monkeypatch):
     assert out.args == ({"samples": 1},)
     assert seen["args"] == ("M", 1, 2, 3.0, "euler", "normal", "P", "N", "L", 1.0, "C")
     assert seen["kw"] == {"node_id": "17"}
-    assert mod.XDiTHunyuanDiTSampler.validate_inputs(steps=0, cfg=6.0, sampler_name="euler", scheduler="normal",
-                                                     denoise=1.0) == "steps is 0; sample with at least 1 step"
+    # validate_inputs takes the sampler name alone: ComfyUI checks the other widgets' ranges itself, and
+    # reports a rejected name once (it repeats the message for every input validate_inputs takes)
+    assert list(inspect.signature(mod.XDiTHunyuanDiTSampler.validate_inputs).parameters) == ["sampler_name"]
+    assert mod.XDiTHunyuanDiTSampler.validate_inputs(sampler_name="euler") is True
+    assert "not implemented by the xDiT workers" in mod.XDiTHunyuanDiTSampler.validate_inputs(sampler_name="uni_pc")
 
 
 def test_pack_imports_without_comfyui():
     assert "comfy_api" not in sys.modules or not hasattr(sys.modules["comfy_api"], "latest")
+    path_before = list(sys.path)
     spec = importlib.util.spec_from_file_location("xdit_pack_under_test", ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.__all__ == ["comfy_entrypoint"] and not hasattr(mod, "NODE_CLASS_MAPPINGS")
     assert asyncio.iscoroutinefunction(mod.comfy_entrypoint)
-    assert str(ROOT) in sys.path
+    assert sys.path == path_before              # the engine is an installed package: no sys.path edit
 
 
 # ============================================================================ config validation
@@ -290,6 +295,20 @@ def test_bad_parallel_configs_say_what_to_change(change, words):
     assert isinstance(msg, str)
 
 
+@pytest.mark.parametrize("change, words", [
+    (dict(num_pipeline_patch=1000), ["num_pipeline_patch is 1000", "at most 64"]),
+    (dict(warmup_steps=10001), ["warmup_steps is 10001", "at most 10000"]),
+    (dict(ring_degree=65, devices="cpu:65"), ["ring_degree is 65", "at most 64"]),
+])
+def test_declared_ranges_are_enforced(change, words):
+    """validate_inputs takes every config input, so ComfyUI skips its own min/max checks for them: the
+    declared ranges are checked here (at /prompt, and when linked values arrive at run time)."""
+    msg = glue.validate_parallel_inputs(**{**CFG, **change})
+    assert isinstance(msg, str) and all(w in msg for w in words), msg
+    with pytest.raises(PlanError):
+        glue.build_parallel_config(**{**CFG, **change})
+
+
 def test_good_parallel_configs():
     c = glue.build_parallel_config(**{**CFG, "devices": "cpu:4", "cfg_degree": 2, "ulysses_degree": 2})
     assert c.world_size == 4 and c.strategy == "manual"
@@ -316,7 +335,8 @@ def test_bad_sampler_inputs_say_what_to_change(change, words):
         glue.check_sampler_inputs(**vals, schedulers=COMFY_SCHEDULERS, comfy_samplers=COMFY_SAMPLERS)
     for w in words:
         assert w in str(e.value)
-    assert isinstance(glue.validate_sampler_inputs(**vals), str)
+    if "sampler_name" in change:                    # what the node's validate_inputs checks itself
+        assert isinstance(glue.validate_sampler_name(vals["sampler_name"]), str)
 
 
 def test_sampler_name_mapping():

@@ -21,9 +21,9 @@ import torch
 from comfyui_xdit_hunyuan.job import Job, JobCancelled, JobError, PoolError, WeightsRef
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from tests.fake_runtime import expected_latent
-from worker import PoolClient, get_pool, shutdown_all
-from worker.processes import sweep_stale_dirs
-from worker.protocol import HEARTBEAT_S, strip_cuda_malloc_async, worker_env
+from comfyui_xdit_hunyuan.worker import PoolClient, get_pool, shutdown_all
+from comfyui_xdit_hunyuan.worker.processes import sweep_stale_dirs
+from comfyui_xdit_hunyuan.worker.protocol import HEARTBEAT_S, strip_cuda_malloc_async, worker_env
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the fault tests send POSIX signals")
 
@@ -348,29 +348,44 @@ def test_close_leaves_no_worker_and_no_file(pool):
 
 PARENT = """
 import json, sys, time
-sys.path.insert(0, {root!r})
 from comfyui_xdit_hunyuan.plan import ParallelConfig
-from worker import PoolClient
+from comfyui_xdit_hunyuan.worker import PoolClient
+from comfyui_xdit_hunyuan.worker.client import close_pools_on_sigterm
+assert not {on_sigterm} or close_pools_on_sigterm()
 pool = PoolClient(ParallelConfig(devices="cpu:2", cfg_degree=2), runtime={fake!r}).start()
 print(json.dumps([pool.pids, pool.temp_dir]), flush=True)
 time.sleep(120)
 """
 
 
-def test_killing_the_parent_leaves_no_worker():
-    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(root=str(ROOT), fake=FAKE)],
+def start_parent(on_sigterm: bool = False) -> tuple[subprocess.Popen, list[int], str]:
+    """A process that starts a pool (like ComfyUI does), with its pids and private folder."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(fake=FAKE, on_sigterm=on_sigterm)],
                               stdout=subprocess.PIPE, cwd=ROOT)
-    try:
-        ready, _, _ = select.select([parent.stdout], [], [], 120)
-        assert ready, "the parent script did not start its pool"
-        pids, folder = json.loads(parent.stdout.readline())
-        assert len(pids) == 2 and all(alive(p) for p in pids)
-    finally:
+    ready, _, _ = select.select([parent.stdout], [], [], 120)
+    if not ready:
         parent.kill()
-        parent.wait()
+        pytest.fail("the parent script did not start its pool")
+    pids, folder = json.loads(parent.stdout.readline())
+    assert len(pids) == 2 and all(alive(p) for p in pids) and os.path.isdir(folder)
+    return parent, pids, folder
+
+
+def test_killing_the_parent_leaves_no_worker():
+    parent, pids, folder = start_parent()
+    parent.kill()
+    parent.wait()
     assert wait_gone(pids, 10.0) == []
     # the dead client could not delete its folder: the next pool start sweeps it
     assert os.path.isdir(folder) and folder in sweep_stale_dirs() and not os.path.exists(folder)
+
+
+def test_sigterm_of_the_parent_closes_the_pool_and_removes_its_folder():
+    parent, pids, folder = start_parent(on_sigterm=True)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == -signal.SIGTERM        # it still ends the way SIGTERM ends it
+    assert wait_gone(pids, 10.0) == []
+    assert not os.path.exists(folder)
 
 
 def test_get_pool_reuses_per_key_and_restarts_on_a_new_one():
@@ -392,13 +407,19 @@ def test_get_pool_reuses_per_key_and_restarts_on_a_new_one():
 
 
 def test_another_package_named_worker_does_not_shadow_the_pool(monkeypatch, tmp_path):
-    """ComfyUI loads many packs into one process; one of them may bring a top-level `worker` module."""
+    """ComfyUI loads many packs into one process, and any of them (or a library) may bring a top-level
+    `worker` module: the pool is comfyui_xdit_hunyuan.worker in the client and in the worker processes,
+    so neither a `worker` already imported nor one first on the workers' path is ever used."""
     import types
 
-    from comfyui_xdit_hunyuan.pool import WORKER_DIR, client_module
-    foreign = types.ModuleType("worker")
-    foreign.__file__ = str(tmp_path / "worker" / "__init__.py")
-    monkeypatch.setitem(sys.modules, "worker", foreign)
-    client = client_module()
-    assert Path(client.__file__).resolve() == WORKER_DIR / "client.py"
-    assert client.PoolClient.__name__ == "PoolClient" and sys.modules["worker"] is foreign
+    foreign = tmp_path / "worker"
+    foreign.mkdir()
+    (foreign / "__init__.py").write_text("raise ImportError('the foreign worker package was imported')\n")
+    (foreign / "main.py").write_text("raise SystemExit('the foreign worker program ran')\n")
+    monkeypatch.setitem(sys.modules, "worker", types.ModuleType("worker"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ["PYTHONPATH"]]))
+    job = make_job("foreign-worker")
+    with PoolClient(ParallelConfig(devices="cpu:1"), runtime=FAKE, startup_timeout=120) as client:
+        torch.testing.assert_close(client.run(job, ParallelConfig(devices="cpu:1")), expected_latent(job, 1, 3.0),
+                                   rtol=0, atol=0)
+    assert PoolClient.__module__ == "comfyui_xdit_hunyuan.worker.client"

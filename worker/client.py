@@ -32,13 +32,13 @@ from typing import Callable, Mapping
 
 import torch
 
-from comfyui_xdit_hunyuan.job import Job, JobCancelled, JobError, PoolError, WeightsRef
-from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError, parse_devices
+from ..job import Job, JobCancelled, JobError, PoolError, WeightsRef
+from ..plan import ParallelConfig, PlanError, parse_devices
 
 from . import protocol as P
 from .processes import DIR_PREFIX, describe_exit, kill_group, own_process_group, spawn, sweep_stale_dirs
 
-WORKER_MAIN = Path(__file__).resolve().with_name("main.py")
+WORKER_MODULE = __package__ + ".main"     # run as `python -m`: the pack's own modules, never another `worker`
 POLL_S = 0.05            # how often run() looks at cancel(), exits and heartbeats
 SETTLE_S = 10.0          # after one rank rejects a job (JobError), how long (at most hang_timeout) the
                          # others get to do the same before the pool counts as stuck
@@ -178,7 +178,7 @@ class PoolClient:
         for rank, device in enumerate(devices):
             try:
                 proc = spawn(
-                    [self.python, str(WORKER_MAIN), "--rank", str(rank), "--device", device, *common],
+                    [self.python, *P.ISOLATE_CWD, "-m", WORKER_MODULE, "--rank", str(rank), "--device", device, *common],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                     env=P.worker_env(os.environ, device, world), **own_process_group())
             except OSError as e:
@@ -422,7 +422,7 @@ class PoolClient:
         return result.to(device="cpu", dtype=torch.float32)
 
     def _validate(self, job: Job, plan: ParallelConfig, model_config) -> list[str]:
-        from comfyui_xdit_hunyuan import checks
+        from .. import checks
 
         ref = job.weights
         if not isinstance(ref, WeightsRef):
@@ -699,7 +699,7 @@ def _remove(path: Path | None) -> None:
 
 # ---------------------------------------------------------------------- process-wide registry
 _clients: "weakref.WeakSet[PoolClient]" = weakref.WeakSet()
-_registry_lock = threading.Lock()
+_registry_lock = threading.RLock()   # re-entered by a SIGTERM handler on the main thread
 _current: PoolClient | None = None
 
 
@@ -718,7 +718,8 @@ def get_pool(config: ParallelConfig, **options) -> PoolClient:
 
 
 def shutdown_all() -> None:
-    """Close every pool of this process (registered with atexit)."""
+    """Close every pool of this process (registered with atexit, and run on SIGTERM once
+    close_pools_on_sigterm() was called)."""
     global _current
     with _registry_lock:
         _current = None
@@ -727,3 +728,36 @@ def shutdown_all() -> None:
 
 
 atexit.register(shutdown_all)
+
+_chained: dict = {}
+
+
+def _close_then_terminate(signum, frame) -> None:
+    """SIGTERM: close every pool (workers stopped, private folders removed), then do what the signal did
+    before: the previous Python handler, or the default action (the process ends with the signal)."""
+    try:
+        shutdown_all()
+    finally:
+        previous = _chained.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+def close_pools_on_sigterm() -> bool:
+    """Make SIGTERM (systemd, `docker stop`, `kill`) close the pools first. Python's default SIGTERM ends the
+    process without atexit: the workers would still die with it, but their private folder (owner file,
+    logs, staged weights) would stay until the next pool start sweeps it. Only the main thread may set
+    handlers; a process that ignores SIGTERM keeps ignoring it. True when installed."""
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is _close_then_terminate:
+        return True
+    if previous == signal.SIG_IGN:
+        return False
+    _chained[signal.SIGTERM] = signal.SIG_DFL if previous is None else previous
+    signal.signal(signal.SIGTERM, _close_then_terminate)
+    return True

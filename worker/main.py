@@ -1,7 +1,6 @@
-"""One worker process of the pool: `python <pack>/worker/main.py --rank R --device D ...`.
+"""One worker process of the pool: `python -m comfyui_xdit_hunyuan.worker.main --rank R --device D ...`.
 
-Started by worker.client.PoolClient as its own program (ComfyUI imports the pack by folder path, so a
-child could not re-import pack functions by name). Reads the control key from stdin, connects back to
+Started by PoolClient (worker/client.py) as its own program. Reads the control key from stdin, connects back to
 the client, joins the torch.distributed group, builds the runtime and serves jobs until told to stop or
 until its parent is gone.
 """
@@ -16,9 +15,9 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
+from . import protocol
+
 EXIT_PARENT_GONE = 3
 
 
@@ -76,7 +75,6 @@ class Worker:
     the connection ends), a heartbeat thread, and the main thread running jobs one at a time."""
 
     def __init__(self, conn, args: argparse.Namespace):
-        from worker import protocol
         self.p = protocol
         self.conn, self.args, self.rank = conn, args, args.rank
         self._send_lock = threading.Lock()
@@ -157,7 +155,7 @@ class Worker:
         import torch
         import torch.distributed as dist
 
-        from comfyui_xdit_hunyuan.plan import ParallelConfig
+        from ..plan import ParallelConfig
 
         args = self.args
         device = torch.device(args.device)
@@ -176,8 +174,8 @@ class Worker:
         return cls(config, args.rank, args.world_size, args.device)
 
     def _run(self, msg: dict) -> None:
-        from comfyui_xdit_hunyuan.job import JobCancelled, JobError
-        from comfyui_xdit_hunyuan.plan import PlanError
+        from ..job import JobCancelled, JobError
+        from ..plan import PlanError
 
         p, job_id = self.p, msg["id"]
         if self.args.device.startswith("cuda"):
@@ -272,12 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if hasattr(signal, "SIGUSR1"):
         import faulthandler
         faulthandler.register(signal.SIGUSR1, all_threads=True)   # the client asks for stacks of a stall
-    # The pack root replaces this script's folder on sys.path: `worker` and `comfyui_xdit_hunyuan`
-    # import as packages, exactly as in the client.
-    sys.path[:] = [str(PACK_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
     from multiprocessing.connection import Client
-
-    from worker import protocol
 
     authkey = _read_authkey(protocol.AUTHKEY_BYTES)
     conn = Client(protocol.parse_address(args.family, args.address), args.family, authkey=authkey)

@@ -38,6 +38,9 @@ TERMINAL = (DONE, CANCELLED, ERROR)
 ERROR_JOB, ERROR_FATAL, ERROR_STARTUP = "job", "fatal", "startup"
 
 AUTHKEY_BYTES = 32
+# `python -P`: the worker's sys.path does not start with the caller's working directory (ComfyUI's own
+# folder, say), so no stray module there shadows one the worker imports (Python 3.11+)
+ISOLATE_CWD = ("-P",) if sys.version_info >= (3, 11) else ()
 HEARTBEAT_S = 1.0
 DEFAULT_RUNTIME = "comfyui_xdit_hunyuan.parallel.runtime:RankRuntime"
 
