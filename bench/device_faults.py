@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
 from comfyui_xdit_hunyuan.job import Job, JobCancelled, PoolError, WeightsRef  # noqa: E402
-from comfyui_xdit_hunyuan.plan import ParallelConfig, parse_devices  # noqa: E402
-from comfyui_xdit_hunyuan.pool import client_module  # noqa: E402
+from comfyui_xdit_hunyuan.config import PoolConfig, parse_devices  # noqa: E402
+from comfyui_xdit_hunyuan.plan import ParallelConfig  # noqa: E402
+from comfyui_xdit_hunyuan.worker.client import PoolClient  # noqa: E402
 from comfyui_xdit_hunyuan.tiny import preset  # noqa: E402
 
 FAILED: list[str] = []
@@ -92,7 +92,7 @@ def kill_during(client, job, plan, sig, at_step: int = 2) -> tuple[str, float]:
 
 def parent_child(a) -> None:
     """Runs in a child process: start a pool, report the worker pids, run a long job (killed meanwhile)."""
-    client = client_module().PoolClient(plan_for(a)).start()
+    client = PoolClient(pool_for(a)).start()
     print("PIDS", *client.pids, flush=True)
     client.run(make_job(a, a.size, 0, steps=10_000), plan_for(a))
 
@@ -103,9 +103,12 @@ def plan_for(a, first: str | None = None) -> ParallelConfig:
     n = len(parse_devices(a.devices))
     first = first or a.first
     if n == 2:
-        return ParallelConfig(devices=a.devices, compile=a.compile, **{f"{first}_degree": 2})
-    return ParallelConfig(devices=a.devices, cfg_degree=2 if n > 2 else 1, ulysses_degree=n // 2 if n > 2 else 1,
-                          compile=a.compile)
+        return ParallelConfig(strategy="manual", **{f"{first}_degree": 2})
+    return ParallelConfig(strategy="manual", cfg_degree=2 if n > 2 else 1, ulysses_degree=n // 2 if n > 2 else 1)
+
+
+def pool_for(a) -> PoolConfig:
+    return PoolConfig(devices=a.devices, compile=a.compile)
 
 
 def main():
@@ -125,8 +128,7 @@ def main():
         parent_child(a)
         return 0
     plan = plan_for(a)
-    PoolClient = client_module().PoolClient
-    client = PoolClient(plan, hang_timeout=a.hang_timeout).start()
+    client = PoolClient(pool_for(a), hang_timeout=a.hang_timeout).start()
     sizes = [a.size, a.size - 64, a.size + 64 if a.size < 2048 else a.size - 128]
     refs: dict[tuple, torch.Tensor] = {}
     try:

@@ -9,13 +9,10 @@ loop of a warm process (the first, compiling call is timed separately).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from comfyui_xdit_hunyuan import sampling  # noqa: E402
 from comfyui_xdit_hunyuan.model import TokenGrid, rope_table  # noqa: E402

@@ -15,14 +15,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.profile_step import cuda_ms  # noqa: E402
 from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
@@ -139,7 +136,7 @@ def timed_job(runner: Runner, pixels: int, steps: int, scale: float):
 def check_graphs(steps: int, pixels: int = 1024):
     print(f"== CUDA graphs of the model call, compiled, {pixels}^2, {steps} steps ==")
     model, backend = compiled_full_model()
-    plan, cache = ParallelConfig(compile=True), GraphCache()
+    plan, cache = ParallelConfig(), GraphCache()
     for scale in (5.0, 1.0):
         outs, ms = {}, {}
         for name, graphs in (("plain", None), ("graphs", cache)):
@@ -155,7 +152,7 @@ def check_graphs(steps: int, pixels: int = 1024):
 def check_fused(steps: int, pixels: int = 1024):
     print(f"== fused Triton kernels vs none, compiled, CUDA graphs, {pixels}^2, {steps} steps ==")
     model, backend = compiled_full_model()
-    plan = ParallelConfig(compile=True)
+    plan = ParallelConfig()
     outs, ms = {}, {}
     for name in ("unfused", "fused"):
         print(f"  {name}: kernels {'on' if model.use_fused_kernels(name == 'fused') else 'off'}", flush=True)

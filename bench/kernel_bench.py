@@ -5,13 +5,10 @@ each launch configuration's time and bandwidth, and torch.compile of the unfused
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.profile_step import cuda_ms  # noqa: E402
 from comfyui_xdit_hunyuan.model import TokenGrid, kernels, rope_table  # noqa: E402

@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
 from comfyui_xdit_hunyuan.job import WeightsRef  # noqa: E402
@@ -78,7 +75,7 @@ def rank_main(rank: int, world: int, a):
                 say(f"ring_attn iteration {i}: rel err {err:.1e}")
         elif phase.startswith("prof:"):            # where a step's time goes in one mode (rank 0's view)
             mode = phase[5:]
-            plan = ParallelConfig(**DEGREES.get(mode, {}), warmup_steps=1, compile=a.compile)
+            plan = ParallelConfig(**DEGREES.get(mode, {}), warmup_steps=1)
             if mode != "serial" or rank == 0:          # serial: rank 0 alone
                 mesh = build_mesh(plan.mesh_degrees, rank, ctrl=ctrl) if mode != "serial" else build_mesh({}, 0)
                 runner = Runner(model, mesh, plan, backend="padded" if (a.compile and mode in ("serial", "cfg2"))

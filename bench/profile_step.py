@@ -13,14 +13,11 @@ prints the kernels that take the time (eager and compiled).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch._dynamo
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from comfyui_xdit_hunyuan.model import LocalAttention, TokenGrid  # noqa: E402
 from comfyui_xdit_hunyuan.tiny import random_cond, random_model  # noqa: E402

@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .job import Job, WeightsRef
-from .plan import AUTO_TABLE, ParallelConfig, parse_devices
+from .config import PoolConfig, env_overrides, parse_devices
+from .plan import AUTO_TABLE, ParallelConfig
 from .tiny import preset as model_preset, random_cond
 
 
@@ -72,22 +74,24 @@ def run_bench(args) -> dict:
     results, reference = [], {}
     for compiled in compile_modes:
         for n in counts:
-            for deg in degree_configs(n, cfg.num_heads, cfg.depth):
-                name = config_name(deg)
-                if wanted and name not in wanted:
-                    continue
-                config = ParallelConfig(devices=",".join(devices[:n]) if devices[0] != "cpu" else f"cpu:{n}",
-                                        compile=compiled, dtype=args.dtype,
-                                        attention=args.attention, **deg)
-                t_start = time.perf_counter()
-                try:
-                    client = PoolClient(config, hang_timeout=args.hang_timeout,
-                                        startup_timeout=args.startup_timeout).start()
-                    pool_start = time.perf_counter() - t_start
-                except Exception as e:  # noqa: BLE001 - report and go on with the sweep
-                    print(f"  {name}: pool failed to start: {e}")
-                    continue
-                try:
+            # one pool per device count: a change of degrees runs on the same warm workers
+            pool_config = PoolConfig(devices=",".join(devices[:n]) if devices[0] != "cpu" else f"cpu:{n}",
+                                     compile=compiled, dtype=args.dtype, attention=args.attention
+                                     ).with_overrides(env_overrides(os.environ))
+            t_start = time.perf_counter()
+            try:
+                client = PoolClient(pool_config, hang_timeout=args.hang_timeout,
+                                    startup_timeout=args.startup_timeout).start()
+                pool_start = time.perf_counter() - t_start
+            except Exception as e:  # noqa: BLE001 - report and go on with the sweep
+                print(f"  {n} devices: pool failed to start: {e}")
+                continue
+            try:
+                for i_deg, deg in enumerate(degree_configs(n, cfg.num_heads, cfg.depth)):
+                    name = config_name(deg)
+                    if wanted and name not in wanted:
+                        continue
+                    config = ParallelConfig(strategy="manual", **deg)
                     for i_size, px in enumerate(sizes):
                         job = bench_job(cfg, px, args.steps, args.seed, weights)
                         warm = job if args.warmup_job_steps <= 0 else \
@@ -101,13 +105,14 @@ def run_bench(args) -> dict:
                         except Exception as e:  # noqa: BLE001
                             print(f"  {name} {px}px: failed: {e}")
                             continue
+                        cold = pool_start if i_size == 0 and i_deg == 0 else None
                         row = {"devices": n, "config": name, "degrees": deg, "pixels": px, "steps": args.steps,
                                "compiled": compiled, "seconds": m["seconds"], "all_seconds": m["all_seconds"],
                                "first_job_seconds": first, "first_job_steps": len(warm.sigmas) - 1,
-                               "pool_start_seconds": pool_start if i_size == 0 else None,
+                               "pool_start_seconds": cold,
                                # a cold pool: process start, NCCL, weights, compilation, the first image
-                               "cold_first_image_seconds": pool_start + first
-                               if i_size == 0 and warm is job else None,
+                               "cold_first_image_seconds": cold + first if cold is not None and warm is job
+                               else None,
                                "ms_per_step": 1000 * m["seconds"] / args.steps,
                                "ranks": client.last_stats.get("ranks"),
                                "overhead_parts": client.last_stats.get("overhead")}
@@ -132,8 +137,8 @@ def run_bench(args) -> dict:
                               + ("  (" + ", ".join(f"{k} {1000 * v:.0f}" for k, v in row["overhead_parts"].items()
                                                   if v is not None) + " ms)" if row["overhead_parts"] else ""),
                               flush=True)
-                finally:
-                    client.close()
+            finally:
+                client.close()
     return {"device": _device_name(devices), "preset": args.preset, "steps": args.steps, "results": results}
 
 

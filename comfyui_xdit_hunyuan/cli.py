@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import threading
 import time
@@ -60,27 +59,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
 
 
-# ParallelConfig's words in the engine's messages -> this command line's options
-OPTION_WORDS = (
-    (re.compile(r"\bcfg_degree\b"), "--cfg"), (re.compile(r"\bulysses_degree\b"), "--ulysses"),
-    (re.compile(r"\bring_degree\b"), "--ring"), (re.compile(r"\bpipefusion_degree\b"), "--pipefusion"),
-    (re.compile(r"\bnum_pipeline_patch\b"), "--patches"), (re.compile(r"\bwarmup_steps\b"), "--warmup"),
-    (re.compile(r"\bstrategy '(\w+)'"), r"--strategy \1"), (re.compile(r"^devices '"), "--devices '"),
-    (re.compile(r"but devices '"), "but --devices '"), (re.compile(r"^attention backend '"), "--attention '"),
-    (re.compile(r"^dtype '"), "--dtype '"),
-)
+# the engine's input names (PlanError fields) -> this command line's options
+OPTION_NAMES = {"cfg_degree": "--cfg", "ulysses_degree": "--ulysses", "ring_degree": "--ring",
+                "pipefusion_degree": "--pipefusion", "num_pipeline_patch": "--patches", "warmup_steps": "--warmup",
+                "strategy": "--strategy", "devices": "--devices", "attention": "--attention", "dtype": "--dtype",
+                "steps": "--steps", "cfg": "--guidance"}
 
 
-def option_words(message: str) -> str:
-    for pattern, repl in OPTION_WORDS:
-        message = pattern.sub(repl, message)
-    return message
+def in_option_words(message) -> str:
+    """An engine message (plan.Message, PlanError) in this command line's words; other text as it is."""
+    render = getattr(message, "render", None)
+    return render(OPTION_NAMES) if render is not None else str(message)
 
 
 # ====================================================================== the parser
 def build_parser() -> argparse.ArgumentParser:
     from comfyui_xdit_hunyuan.model.attention import BACKENDS
-    from comfyui_xdit_hunyuan.plan import DTYPES, STRATEGIES
+    from comfyui_xdit_hunyuan.config import DTYPES
+    from comfyui_xdit_hunyuan.plan import STRATEGIES
     from comfyui_xdit_hunyuan.sampling import SAMPLERS, SCHEDULERS
     from comfyui_xdit_hunyuan.tiny import PRESETS
 
@@ -210,6 +206,7 @@ class Settings:
     command: str
     devices: list[str]
     gpu: bool
+    pool: Any                          # config.PoolConfig: what the worker processes run with
     config: Any                        # ParallelConfig as the user gave it (strategy filled in)
     steps: int
     width: int
@@ -226,7 +223,7 @@ class Settings:
 
     @property
     def dtype_name(self) -> str:
-        return self.config.dtype if self.config.dtype != "auto" else ("bf16" if self.gpu else "fp32")
+        return self.pool.dtype if self.pool.dtype != "auto" else ("bf16" if self.gpu else "fp32")
 
 
 @contextmanager
@@ -237,7 +234,7 @@ def checking():
     try:
         yield
     except PlanError as e:
-        raise UsageError(option_words(str(e))) from e
+        raise UsageError(in_option_words(e)) from e
     except (JobError, ValueError) as e:
         raise UsageError(str(e)) from e
 
@@ -260,7 +257,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def common_settings(args: argparse.Namespace) -> Settings:
     """Devices, parallel options and sampling options, checked (model-independent part)."""
-    from comfyui_xdit_hunyuan.plan import ParallelConfig, parse_devices
+    from comfyui_xdit_hunyuan.config import PoolConfig, env_overrides, parse_devices
+    from comfyui_xdit_hunyuan.plan import ParallelConfig
 
     with checking():
         devices = parse_devices(args.devices)
@@ -273,9 +271,10 @@ def common_settings(args: argparse.Namespace) -> Settings:
     if strategy == "auto" and degrees:
         given = " ".join(f"--{opt}" for opt, f in DEGREES if f in degrees)
         raise UsageError(f"--strategy auto chooses the degrees itself; drop {given}, or use --strategy manual")
-    config = ParallelConfig(devices=args.devices, strategy=strategy, num_pipeline_patch=args.num_pipeline_patch,
-                            warmup_steps=args.warmup_steps, attention=args.attention, dtype=args.dtype,
-                            compile=bool(args.compile), **degrees)
+    pool = PoolConfig(devices=args.devices, attention=args.attention, dtype=args.dtype,
+                      compile=bool(args.compile)).with_overrides(env_overrides(os.environ))
+    config = ParallelConfig(strategy=strategy, num_pipeline_patch=args.num_pipeline_patch,
+                            warmup_steps=args.warmup_steps, **degrees)
     # config.validate() runs in resolve_plan(), with the model's own head count and depth
     steps = args.steps
     if steps is None:
@@ -295,7 +294,7 @@ def common_settings(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--seed {args.seed}: use a whole number from 0 to 2^64-1")
     if args.preview_every < 0:
         raise UsageError(f"--preview-every {args.preview_every}: use 0 (final preview only) or N >= 1")
-    return Settings(command=args.command, devices=devices, gpu=gpu, config=config, steps=steps, width=width,
+    return Settings(command=args.command, devices=devices, gpu=gpu, pool=pool, config=config, steps=steps, width=width,
                     height=height, guidance=float(args.guidance), sampler=args.sampler, scheduler=args.scheduler,
                     seed=int(args.seed), preview_every=int(args.preview_every), out=Path(args.out),
                     defaulted=defaulted)
@@ -307,13 +306,13 @@ def latent_hw(s: Settings, vae_factor: int = 8) -> tuple[int, int]:
 
 def resolve_plan(s: Settings, mcfg, hw: tuple[int, int]) -> None:
     """The concrete degrees for this model and image, checked against the job (sets s.plan, s.warnings)."""
-    from comfyui_xdit_hunyuan.plan import check_job, resolve
+    from comfyui_xdit_hunyuan.plan import check_job, load_table, resolve
 
     with checking():
-        s.plan = resolve(s.config, len(s.devices), hw, not math.isclose(s.guidance, 1.0),
-                         num_heads=mcfg.num_heads, depth=mcfg.depth)
+        s.plan = resolve(s.config, s.pool.devices, len(s.devices), hw, not math.isclose(s.guidance, 1.0),
+                         num_heads=mcfg.num_heads, depth=mcfg.depth, table=load_table(s.pool.auto_table))
         warnings = check_job(s.plan, steps=s.steps, latent_hw=hw, cfg_scale=s.guidance, patch_size=mcfg.patch_size)
-    s.warnings = [option_words(w) for w in warnings]
+    s.warnings = [in_option_words(w) for w in warnings]
 
 
 def sampling_inputs(s: Settings, mcfg, hw: tuple[int, int]):
@@ -374,8 +373,8 @@ def print_settings(title: str, s: Settings, hw: tuple[int, int], patch: int, mod
     say(title,
         f"  devices    {describe_devices(s.devices)}",
         f"  parallel   {plan.describe()}  [{how}; world size {plan.world_size}]",
-        f"  dtype      {s.dtype_name}{' (auto)' if s.config.dtype == 'auto' else ''}, attention {plan.attention}"
-        f"{(', torch.compile' if s.gpu else ', compile ignored (CPU workers run eager)') if plan.compile else ''}",
+        f"  dtype      {s.dtype_name}{' (auto)' if s.pool.dtype == 'auto' else ''}, attention {s.pool.attention}"
+        f"{(', torch.compile' if s.gpu else ', compile ignored (CPU workers run eager)') if s.pool.compile else ''}",
         *(f"  {line}" for line in model_lines),
         f"  size       {s.width}x{s.height} pixels{note('size')} -> latent {hw[1]}x{hw[0]}, "
         f"{rows * cols} image tokens",
@@ -406,7 +405,7 @@ class PoolSession:
     """The pool of one command: started (optionally in the background while the parent encodes text),
     one warm-up job that loads the weights, the timed job, closed at the end whatever happens."""
 
-    def __init__(self, plan, *, verbose: bool = False):
+    def __init__(self, pool_config, plan, *, verbose: bool = False):
         client = pool_module()
         log = logging.getLogger("comfyui_xdit_hunyuan.pool")
         log.setLevel(logging.INFO if verbose else logging.CRITICAL)
@@ -415,7 +414,7 @@ class PoolSession:
             handler.setFormatter(logging.Formatter("%(message)s"))
             log.addHandler(handler)
         self.plan = plan
-        self.pool = client.get_pool(plan)
+        self.pool = client.get_pool(pool_config)
         self.start_seconds = 0.0
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -523,6 +522,7 @@ def run_record(s: Settings, model: dict, result: RunResult, files: dict) -> dict
     return {
         "command": s.command,
         "devices": s.devices,
+        "pool": s.pool.to_dict(),
         "parallel": s.plan.to_dict(),
         "parallel_description": s.plan.describe(),
         "dtype": s.dtype_name,
@@ -632,7 +632,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print_settings("xDiT HunyuanDiT demo", s, hw, mcfg.patch_size, model_lines)
 
     def body() -> int:
-        session = PoolSession(s.plan, verbose=args.verbose)
+        session = PoolSession(s.pool, s.plan, verbose=args.verbose)
         try:
             session.start()
             result = session.run(job, on_preview=preview_writer(s))
@@ -819,7 +819,7 @@ def run_generate(args: argparse.Namespace) -> int:
     def body() -> int:
         from PIL import Image
 
-        session = PoolSession(s.plan, verbose=args.verbose)
+        session = PoolSession(s.pool, s.plan, verbose=args.verbose)
         try:
             session.start(background=True)        # workers start while the text is encoded
             if not args.verbose:

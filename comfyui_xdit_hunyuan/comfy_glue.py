@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import uuid
 import weakref
 from collections.abc import Mapping
@@ -27,7 +28,8 @@ from .checks import all_finite, check_conditioning
 from .job import CondEntry, Job, JobCancelled, JobError, PoolError, WeightsRef
 from .model.attention import BACKENDS
 from .model.config import HunyuanDiTConfig, NotHunyuanDiTError
-from .plan import DTYPES, STRATEGIES, ParallelConfig, PlanError, check_job, parse_devices, resolve
+from .config import DTYPES, PoolConfig, RunConfig, env_overrides, parse_devices
+from .plan import STRATEGIES, ParallelConfig, PlanError, check_job, load_table, resolve
 
 log = logging.getLogger("xdit_hunyuan")
 
@@ -185,41 +187,47 @@ def resolve_options(spec: InputSpec) -> list:
 def build_parallel_config(devices: str = "all", strategy: str = "auto", cfg_degree: int = 1,
                           ulysses_degree: int = 1, ring_degree: int = 1, pipefusion_degree: int = 1,
                           num_pipeline_patch: int = 0, warmup_steps: int = 1, attention: str = "auto",
-                          dtype: str = "auto", compile: bool = False, *,
-                          cuda_count: int | None = None) -> ParallelConfig:
-    """The config node's value, checked as far as it can be without a model or an image.
+                          dtype: str = "auto", compile: bool = True, *, cuda_count: int | None = None,
+                          environ: Mapping[str, str] | None = None) -> RunConfig:
+    """The config node's value, checked as far as it can be without a model or an image: the pool (devices,
+    dtype, attention, compile, with the XDIT_HUNYUAN_* overrides of `environ`, default os.environ) and the
+    split (strategy and degrees).
 
     Raises PlanError with what to change. Checks that need the image (auto degrees, latent size,
     steps) happen again in the sampler node."""
     if not isinstance(devices, str):
-        raise PlanError(f"devices must be text such as 'all', '0,1' or 'cpu:2', got {devices!r}")
+        raise PlanError("{devices} must be text such as 'all', '0,1' or 'cpu:2', got {value}", field="devices",
+                        value=repr(devices))
     ints = {}
     for name, v in (("cfg_degree", cfg_degree), ("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree),
                     ("pipefusion_degree", pipefusion_degree), ("num_pipeline_patch", num_pipeline_patch),
                     ("warmup_steps", warmup_steps)):
         if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, float) and v.is_integer()):
-            raise PlanError(f"{name} must be a whole number, got {v!r}")
+            raise PlanError("{%s} must be a whole number, got {value}" % name, field=name, value=repr(v))
         ints[name] = int(v)
-    config = ParallelConfig(devices=devices.strip() or "all", strategy=strategy, attention=attention,
-                            dtype=dtype, compile=bool(compile), **ints)
-    config.validate()
+    overrides = env_overrides(os.environ if environ is None else environ)
+    pool = PoolConfig(devices=devices.strip() or "all", attention=attention, dtype=dtype,
+                      compile=bool(compile)).with_overrides(overrides).validate()
+    parallel = ParallelConfig(strategy=strategy, **ints).validate()
     for spec in CONFIG_INPUTS:
         if spec.name in ints:
             check_declared(spec, ints[spec.name])
-    n = len(parse_devices(config.devices, cuda_count))
-    if config.strategy == "manual":
+    n = len(parse_devices(pool.devices, cuda_count))
+    if parallel.strategy == "manual":
         # the image size does not matter to manual degrees; resolve() checks the product against n
-        resolve(config, n, (128, 128), True)
-    return config
+        resolve(parallel, pool.devices, n, (128, 128), True)
+    return RunConfig(pool, parallel)
 
 
 def check_declared(spec: InputSpec, value: float) -> None:
     """The range a number widget declares. ComfyUI checks it itself only for inputs that the node's validate_inputs
     does not take, and a linked value is never checked by it: PlanError saying what to change."""
     if spec.min is not None and value < spec.min:
-        raise PlanError(f"{spec.name} is {value}; use at least {spec.min:g}")
+        raise PlanError("{%s} is {value}; use at least {bound}" % spec.name, field=spec.name, value=value,
+                        bound=f"{spec.min:g}")
     if spec.max is not None and value > spec.max:
-        raise PlanError(f"{spec.name} is {value}; use at most {spec.max:g}")
+        raise PlanError("{%s} is {value}; use at most {bound}" % spec.name, field=spec.name, value=value,
+                        bound=f"{spec.max:g}")
 
 
 def validate_parallel_inputs(**values) -> bool | str:
@@ -680,6 +688,7 @@ class PatchedStateDict(Mapping):
         """Canonical names of the keys whose value differs from the stored weight."""
         return frozenset(k[len(PREFIX):] for k in self._patched)
 
+    @torch.no_grad()
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._key_set:
             raise KeyError(name)
@@ -770,7 +779,7 @@ class ComfyBackend:
         mm.throw_exception_if_processing_interrupted()
         raise mm.InterruptProcessingException()
 
-    def get_pool(self, config: ParallelConfig):
+    def get_pool(self, config: PoolConfig):
         from .worker.client import get_pool  # noqa: PLC0415 - started on first use
         return get_pool(config)
 
@@ -833,7 +842,7 @@ def prepare(model, seed, steps, cfg, sampler_name, scheduler, positive, negative
     check_sampler_inputs(steps, cfg, sampler_name, scheduler, denoise)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFFFFFFFFFFFFFF:
         raise JobError(f"seed must be a whole number from 0 to 2^64-1, got {seed!r}")
-    if not isinstance(parallel, ParallelConfig):
+    if not isinstance(parallel, RunConfig):
         raise JobError("the 'parallel' input is not an xDiT parallel configuration; connect an xDiT Parallel "
                        "Config node")
     engine_sampler = map_sampler(sampler_name)
@@ -847,10 +856,11 @@ def prepare(model, seed, steps, cfg, sampler_name, scheduler, positive, negative
     if not bool(torch.isfinite(sigmas).all()):
         raise JobError(f"scheduler '{scheduler}' gave non-finite sigmas for {steps} steps; choose another scheduler")
     hw = (samples.shape[2], samples.shape[3])
-    plan, warnings = parallel, []
+    plan, warnings = parallel.parallel, []
     if len(sigmas) > 1:
-        n = len(parse_devices(parallel.devices, cuda_count))
-        plan = resolve(parallel, n, hw, not math.isclose(cfg, 1.0), num_heads=mcfg.num_heads, depth=mcfg.depth)
+        devices = parallel.pool.devices
+        plan = resolve(plan, devices, len(parse_devices(devices, cuda_count)), hw, not math.isclose(cfg, 1.0),
+                       num_heads=mcfg.num_heads, depth=mcfg.depth, table=load_table(parallel.pool.auto_table))
         warnings = check_job(plan, steps=len(sigmas) - 1, latent_hw=hw, cfg_scale=cfg, patch_size=mcfg.patch_size)
     return Prepared(samples, mcfg, pos, neg, engine_sampler, plan, warnings, sigmas)
 
@@ -917,9 +927,9 @@ def run_sampler(model, seed, steps, cfg, sampler_name, scheduler, positive, nega
     progress = backend.progress(model, len(p.sigmas) - 1, node_id)
     job = build_job(model, seed, cfg, latent_image, p, backend=backend,
                     previews=getattr(progress, "wants_previews", False))
-    pool = backend.get_pool(parallel)
+    pool = backend.get_pool(parallel.pool)
     log.info("xDiT: %s, %d steps %s on %s, latent %s", p.engine_sampler, job.steps, p.plan.describe(),
-             p.plan.devices, tuple(p.samples.shape))
+             parallel.pool.devices, tuple(p.samples.shape))
     try:
         samples = pool.run(job, p.plan, on_progress=progress, cancel=backend.interrupted, model_config=p.model_cfg)
     except JobCancelled:

@@ -20,6 +20,7 @@ from comfyui_xdit_hunyuan.model import TokenGrid
 from comfyui_xdit_hunyuan.model.attention import attention
 from comfyui_xdit_hunyuan.parallel.graphs import GraphCache
 from comfyui_xdit_hunyuan.parallel.runtime import RankRuntime
+from comfyui_xdit_hunyuan.config import PoolConfig
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from comfyui_xdit_hunyuan.tiny import preset, random_cond, random_model
 
@@ -62,12 +63,12 @@ class ReplayOnBuffers:
         return replay, out
 
 
-def _rank_main(rank, world, port, plan, jobs, cancel_at, out, graphs=False):
+def _rank_main(rank, world, port, plan, jobs, cancel_at, out, graphs=False, pool=PoolConfig(devices="cpu")):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    rt = RankRuntime(plan, rank, world, "cpu")
+    rt = RankRuntime(pool, rank, world, "cpu")
     if graphs:
         rt.graphs = GraphCache(ReplayOnBuffers(), max_entries=2)
     results = []
@@ -92,12 +93,13 @@ def _rank_main(rank, world, port, plan, jobs, cancel_at, out, graphs=False):
         dist.destroy_process_group()
 
 
-def run_on_mesh(plan: ParallelConfig, jobs: list[Job], cancel_at: dict | None = None, graphs: bool = False) -> list:
-    """graphs: the ranks keep a graph cache whose recording is ReplayOnBuffers (CPU stand-in); rank 0's
+def run_on_mesh(plan: ParallelConfig, jobs: list[Job], cancel_at: dict | None = None, graphs: bool = False,
+                pool: PoolConfig = PoolConfig(devices="cpu")) -> list:
+    """pool: what the ranks' runtime is configured with. graphs: the ranks keep a graph cache whose recording is ReplayOnBuffers (CPU stand-in); rank 0's
     graph counts are then appended to the results."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "results.pt")
-        args = (plan.world_size, _free_port(), plan, jobs, cancel_at or {}, out, graphs)
+        args = (plan.world_size, _free_port(), plan, jobs, cancel_at or {}, out, graphs, pool)
         if plan.world_size == 1:
             _rank_main(0, *args)
         else:

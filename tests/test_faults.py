@@ -12,12 +12,13 @@ import torch
 
 from comfyui_xdit_hunyuan.job import CondEntry, JobCancelled, JobError, WeightsRef
 from comfyui_xdit_hunyuan.model.loading import save_checkpoint
-from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError, parse_devices
+from comfyui_xdit_hunyuan.config import PoolConfig, parse_devices
+from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError
 from comfyui_xdit_hunyuan.tiny import random_model
 from parallel_harness import PRESET, make_job, rel_err, run_on_mesh
 from comfyui_xdit_hunyuan.worker.client import PoolClient
 
-CFG2 = ParallelConfig(devices="cpu:2", cfg_degree=2)
+POOL2, CFG2 = PoolConfig(devices="cpu:2"), ParallelConfig(cfg_degree=2)
 
 
 def _replace(job, **kw):
@@ -32,7 +33,7 @@ def _bad_cond(job, key, value):
 
 @pytest.fixture(scope="module")
 def pool():
-    with PoolClient(CFG2, hang_timeout=30) as client:
+    with PoolClient(POOL2, hang_timeout=30) as client:
         yield client
 
 
@@ -56,16 +57,16 @@ def test_bad_input_rejected_before_any_worker_work(pool, tmp_path):
     cases = {
         "not HunyuanDiT": (_replace(good, weights=WeightsRef("x", str(not_dit))), CFG2, "HunyuanDiT"),
         "truncated file": (_replace(good, weights=WeightsRef("t", str(truncated))), CFG2, "truncated"),
-        "degree product": (good, ParallelConfig(devices="cpu:2", cfg_degree=2, ring_degree=2), "multiply"),
-        "ulysses vs heads": (good, ParallelConfig(devices="cpu:2", ulysses_degree=3), "heads"),
-        "pipefusion degree": (good, ParallelConfig(devices="cpu:2", pipefusion_degree=5), "pipefusion_degree"),
-        "latent too small": (make_job(2, 2, steps=2), ParallelConfig(devices="cpu:2", ring_degree=2), "tokens"),
+        "degree product": (good, ParallelConfig(cfg_degree=2, ring_degree=2), "multiply"),
+        "ulysses vs heads": (good, ParallelConfig(ulysses_degree=3), "heads"),
+        "pipefusion degree": (good, ParallelConfig(pipefusion_degree=5), "pipefusion_degree"),
+        "latent too small": (make_job(2, 2, steps=2), ParallelConfig(ring_degree=2), "tokens"),
         "NaN latent": (_replace(good, latent=nan_latent), CFG2, "NaN"),
         "Inf conditioning": (_bad_cond(good, "context", inf_context), CFG2, "NaN or Inf"),
         "unknown sampler": (_replace(good, sampler="euler_magic"), CFG2, "dpmpp_2m"),
         "steps 0": (_replace(good, sigmas=good.sigmas[:1]), CFG2, "steps >= 1"),
         "wrong text width": (_bad_cond(good, "context", torch.zeros(1, 7, 5)), CFG2, "CLIP"),
-        "warmup > steps": (good, ParallelConfig(devices="cpu:2", pipefusion_degree=2, warmup_steps=5), "warmup"),
+        "warmup > steps": (good, ParallelConfig(pipefusion_degree=2, warmup_steps=5), "warmup"),
     }
     for name, (job, plan, words) in cases.items():
         t0 = time.perf_counter()
@@ -81,10 +82,10 @@ def test_bad_input_rejected_before_any_worker_work(pool, tmp_path):
 
 
 def test_cancel_in_the_middle_of_pipefusion_then_next_job_is_exact():
-    plan = ParallelConfig(devices="cpu:2", pipefusion_degree=2, warmup_steps=1)
+    plan = ParallelConfig(pipefusion_degree=2, warmup_steps=1)
     long_job, short = make_job(16, 16, steps=30), make_job(16, 16, steps=6)
     alone = run_on_mesh(plan, [short])[0]
-    with PoolClient(plan) as client:
+    with PoolClient(POOL2) as client:
         seen = []
         with pytest.raises(JobCancelled):
             client.run(long_job, plan, on_progress=lambda s, t, p: seen.append(s), cancel=lambda: len(seen) >= 3)
@@ -117,12 +118,12 @@ def test_fifty_jobs_each_equal_the_job_alone_and_nothing_leaks():
     sizes = [(16, 16), (18, 14), (12, 20), (17, 15)]
     jobs = [make_job(*sizes[i % 4], steps=2 + i % 3, sampler=samplers[i % 7], seed=100 + i, cfg=1.0 + i % 6)
             for i in range(50)]
-    configs = [ParallelConfig(devices="cpu:2", cfg_degree=2), ParallelConfig(devices="cpu:2", ulysses_degree=2)]
+    configs = [ParallelConfig(cfg_degree=2), ParallelConfig(ulysses_degree=2)]
     expected = run_on_mesh(ParallelConfig(), jobs)                # each job in a fresh serial runner
     fds, children = _fd_count(), _children()
     rss = []
     for half, config in enumerate(configs):                        # a config change in the middle
-        with PoolClient(config) as client:
+        with PoolClient(POOL2) as client:
             for i in range(25 * half, 25 * half + 25):
                 out = client.run(jobs[i], config)
                 # float32 rounding only: another batch composition or sequence split changes the last
@@ -151,3 +152,18 @@ def test_all_finite_is_exact():
     assert all_finite(torch.full((1000,), 3e38))                 # the sum overflows, the values do not
     assert all_finite(torch.full((100,), 60000.0).half())
     assert all_finite(torch.zeros(0)) and all_finite(torch.arange(5))
+
+
+def test_a_change_of_degrees_runs_on_the_same_workers():
+    """Degrees come with each job (plan.ParallelConfig); the pool is keyed by config.PoolConfig alone, so
+    cfg2 -> ulysses2 -> ring2 -> pp2 (exact: every step synchronous) -> cfg2 never restarts a worker."""
+    job = make_job(16, 16, steps=2)
+    ref = run_on_mesh(ParallelConfig(), [job])[0]
+    plans = [ParallelConfig(cfg_degree=2), ParallelConfig(ulysses_degree=2), ParallelConfig(ring_degree=2),
+             ParallelConfig(pipefusion_degree=2, warmup_steps=2), ParallelConfig(cfg_degree=2)]
+    with PoolClient(POOL2) as client:
+        client.start()
+        pids = client.pids
+        for plan in plans:
+            assert rel_err(client.run(job, plan), ref) < 1e-5, plan.describe()
+            assert client.pids == pids, f"{plan.describe()} restarted the workers"

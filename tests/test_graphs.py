@@ -8,22 +8,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_xdit_hunyuan.parallel import graphs as graphs_mod
 from comfyui_xdit_hunyuan.parallel.graphs import GraphCache, graphs_mode
 from comfyui_xdit_hunyuan.parallel.runtime import RankRuntime
+from comfyui_xdit_hunyuan.config import PoolConfig, env_overrides
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from comfyui_xdit_hunyuan.tiny import preset, random_cond
 from tests.parallel_harness import PRESET, ReplayOnBuffers, make_job, run_on_mesh
 
 
 def _runtime(graphs):
-    rt = RankRuntime(ParallelConfig(devices="cpu:1"), 0, 1, "cpu")
+    rt = RankRuntime(PoolConfig(devices="cpu"), 0, 1, "cpu")
     rt.graphs = graphs
     return rt
 
 
 def _run(rt, job):
-    return rt.run(job, ParallelConfig(devices="cpu:1"), report=lambda m: None, cancel_requested=lambda: False)
+    return rt.run(job, ParallelConfig(), report=lambda m: None, cancel_requested=lambda: False)
 
 
 def test_graphed_runs_equal_plain_runs_across_jobs_and_shapes():
@@ -85,23 +85,19 @@ def test_cache_keys_by_signature_and_copies_job_inputs_once():
 
 @pytest.mark.parametrize("value,expected", [(None, "all"), ("1", "all"), ("local", "local"), ("0", None),
                                             ("off", None)])
-def test_graphs_mode_on_cuda_only_and_by_the_variable(monkeypatch, value, expected):
-    if value is None:
-        monkeypatch.delenv(graphs_mod.ENV, raising=False)
-    else:
-        monkeypatch.setenv(graphs_mod.ENV, value)
-    monkeypatch.delenv("XDIT_HUNYUAN_COMPILE_MODE", raising=False)
-    assert graphs_mode(torch.device("cuda")) == expected
-    assert graphs_mode(torch.device("cpu")) is None
-    monkeypatch.setenv("XDIT_HUNYUAN_COMPILE_MODE", "reduce-overhead")
-    assert graphs_mode(torch.device("cuda")) is None
+def test_graphs_mode_on_cuda_only_and_by_the_variable(value, expected):
+    env = {} if value is None else {"XDIT_HUNYUAN_CUDA_GRAPHS": value}
+    pool = PoolConfig().with_overrides(env_overrides(env))
+    assert graphs_mode(torch.device("cuda"), pool.cuda_graphs, pool.compile_mode) == expected
+    assert graphs_mode(torch.device("cpu"), pool.cuda_graphs, pool.compile_mode) is None
+    assert graphs_mode(torch.device("cuda"), pool.cuda_graphs, "reduce-overhead") is None
 
 
 @pytest.mark.parametrize("degrees", [dict(cfg_degree=2), dict(ulysses_degree=2), dict(ring_degree=2)])
 def test_graphed_ranks_equal_plain_ranks(degrees):
     """Two gloo ranks: the graphed whole-model call (for Ulysses / Ring with its collectives inside) gives
     the same latents as the plain call, over two jobs of one shape and one of another."""
-    plan = ParallelConfig(devices="cpu:2", **degrees)
+    plan = ParallelConfig(**degrees)
     other_prompt = [random_cond(preset(PRESET), 11, hw=(128, 128))]
     jobs = [make_job(steps=3, seed=1), make_job(steps=3, seed=2, positive=other_prompt),
             make_job(h=16, w=24, steps=3, seed=3)]
@@ -113,7 +109,7 @@ def test_graphed_ranks_equal_plain_ranks(degrees):
 
 
 def test_graphed_usp_on_four_ranks():
-    plan = ParallelConfig(devices="cpu:4", ulysses_degree=2, ring_degree=2)
+    plan = ParallelConfig(ulysses_degree=2, ring_degree=2)
     other_prompt = [random_cond(preset(PRESET), 11, hw=(128, 128))]
     jobs = [make_job(steps=3, seed=1), make_job(steps=3, seed=2, positive=other_prompt)]
     plain = run_on_mesh(plan, jobs)
@@ -153,7 +149,7 @@ def test_one_runner_reused_for_two_jobs_copies_the_second_jobs_text():
     from comfyui_xdit_hunyuan.parallel.runner import Runner
     from comfyui_xdit_hunyuan.tiny import random_model
 
-    model, plan = random_model(PRESET, seed=0), ParallelConfig(devices="cpu:1")
+    model, plan = random_model(PRESET, seed=0), ParallelConfig()
     jobs = [make_job(steps=3, seed=1), make_job(steps=3, seed=1, positive=[random_cond(preset(PRESET), 11,
                                                                                          hw=(128, 128))])]
     plain = [Runner(model, build_mesh({}, 0), plan).run(j) for j in jobs]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from comfyui_xdit_hunyuan.model import LocalAttention, TokenGrid, kernels, rope_table
+from comfyui_xdit_hunyuan.config import PoolConfig
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from comfyui_xdit_hunyuan.tiny import random_model
 from tests.parallel_harness import PRESET, make_job, rel_err, run_on_mesh
@@ -109,20 +110,18 @@ def test_the_model_with_fused_kernels_equals_the_unfused_model(model_inputs):
         assert _max_rel(out, ref) < 1e-5
 
 
-def test_the_engine_turns_them_on_by_the_switch(monkeypatch):
-    """XDIT_HUNYUAN_FUSED_KERNELS=1 turns them on in a CPU worker: the latent equals the unfused run's."""
+def test_the_engine_turns_them_on_by_the_switch():
+    """PoolConfig.fused_kernels "on" turns them on in a CPU worker: the latent equals the unfused run's."""
     jobs = [make_job(h=8, w=12, steps=1, seed=1)]
-    plain = run_on_mesh(ParallelConfig(devices="cpu:1", attention="padded"), jobs)[0]
-    monkeypatch.setenv(kernels.ENV, "1")
-    fused = run_on_mesh(ParallelConfig(devices="cpu:1", attention="padded"), jobs)[0]
+    plain = run_on_mesh(ParallelConfig(), jobs, pool=PoolConfig(devices="cpu", attention="padded"))[0]
+    fused = run_on_mesh(ParallelConfig(), jobs, pool=PoolConfig(devices="cpu", attention="padded",
+                                                                fused_kernels="on"))[0]
     assert not torch.equal(fused, plain) and rel_err(fused, plain) < 1e-5    # really on, same result
 
 
-def test_the_switch(monkeypatch):
+def test_the_switch():
     cpu = torch.device("cpu")
-    monkeypatch.delenv(kernels.ENV, raising=False)
     assert not kernels.wanted(cpu)                       # CPU workers: only when asked
-    monkeypatch.setenv(kernels.ENV, "1")
-    assert kernels.wanted(cpu)
-    monkeypatch.setenv(kernels.ENV, "0")
-    assert not kernels.wanted(torch.device("cuda"))
+    assert kernels.wanted(cpu, "on")
+    assert not kernels.wanted(torch.device("cuda"), "off")
+    assert kernels.wanted(torch.device("cuda")) == (kernels.triton is not None)

@@ -18,6 +18,7 @@ import torch
 
 from comfyui_xdit_hunyuan import comfy_glue as glue
 from comfyui_xdit_hunyuan.job import Job, JobCancelled, JobError, PoolError, WeightsRef
+from comfyui_xdit_hunyuan.config import PoolConfig, RunConfig
 from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError
 from comfyui_xdit_hunyuan.tiny import random_model
 
@@ -233,7 +234,8 @@ def test_config_node_executes_and_validates(fake_nodes):
                 pipefusion_degree=1, num_pipeline_patch=0, warmup_steps=1, attention="auto", dtype="fp32",
                 compile=False)
     out = mod.XDiTParallelConfig.execute(**vals)
-    assert out.args == (ParallelConfig(**{**vals}),)
+    assert out.args == (RunConfig(PoolConfig(devices="cpu:2", attention="auto", dtype="fp32", compile=False),
+                                  ParallelConfig(strategy="manual", cfg_degree=2)),)
     assert mod.XDiTParallelConfig.validate_inputs(**vals) is True
     msg = mod.XDiTParallelConfig.validate_inputs(**{**vals, "cfg_degree": 1})
     assert isinstance(msg, str) and "multiply to 1" in msg and "cpu:2" in msg
@@ -311,9 +313,9 @@ def test_declared_ranges_are_enforced(change, words):
 
 def test_good_parallel_configs():
     c = glue.build_parallel_config(**{**CFG, "devices": "cpu:4", "cfg_degree": 2, "ulysses_degree": 2})
-    assert c.world_size == 4 and c.strategy == "manual"
+    assert c.parallel.world_size == 4 and c.parallel.strategy == "manual" and c.pool.devices == "cpu:4"
     auto = glue.build_parallel_config(**{**CFG, "devices": "cpu:4", "strategy": "auto"})
-    assert auto.strategy == "auto"              # degrees are chosen per image
+    assert auto.parallel.strategy == "auto"     # degrees are chosen per image
     assert glue.validate_parallel_inputs(**{**CFG, "devices": None}) is True   # linked: checked at run time
 
 
@@ -637,12 +639,16 @@ class FakePool:
         return self.result if self.result is not None else job.latent + 1
 
 
+def run_config(devices: str, **degrees) -> RunConfig:
+    return RunConfig(PoolConfig(devices=devices), ParallelConfig(strategy="manual", **degrees))
+
+
 def _run(backend, tiny_dm, **change):
     latent = {"samples": torch.zeros(1, 4, 8, 8), "batch_index": [0]}
     args = dict(model=hydit_model(tiny_dm), seed=7, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal",
                 positive=hydit_cond(1, lb=7, lt=9, dim=64, dim_t5=96),
                 negative=hydit_cond(2, lb=7, lt=9, dim=64, dim_t5=96), latent_image=latent, denoise=1.0,
-                parallel=ParallelConfig(devices="cpu:2", strategy="manual", cfg_degree=2))
+                parallel=run_config("cpu:2", cfg_degree=2))
     args.update(change)
     return glue.run_sampler(*args.values(), node_id="5", backend=backend)
 
@@ -682,8 +688,8 @@ def test_denoise_zero_returns_the_input_without_the_pool(tiny_dm):
     (dict(steps=0), JobError, ["steps is 0"]),
     (dict(sampler_name="uni_pc"), JobError, ["not implemented by the xDiT workers"]),
     (dict(parallel="cpu:2"), JobError, ["connect an xDiT Parallel Config node"]),
-    (dict(parallel=ParallelConfig(devices="cpu:3", strategy="manual", cfg_degree=2)), PlanError, ["multiply to 2"]),
-    (dict(parallel=ParallelConfig(devices="cpu:2", strategy="manual", ulysses_degree=2),
+    (dict(parallel=run_config("cpu:3", cfg_degree=2)), PlanError, ["multiply to 2"]),
+    (dict(parallel=run_config("cpu:2", ulysses_degree=2),
           latent_image={"samples": torch.zeros(1, 4, 2, 2)}), PlanError, ["1 image tokens"]),
     (dict(positive=[[torch.randn(1, 7, 64), {"pooled_output": None}]]), JobError, ["HunyuanDiT CLIP"]),
     (dict(positive=hydit_cond(lb=7, lt=9)), JobError, ["text widths 1024 (BERT) and 2048 (mT5)",

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from comfyui_xdit_hunyuan.job import Job, JobCancelled, JobError, PoolError, WeightsRef
+from comfyui_xdit_hunyuan.config import PoolConfig
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from tests.fake_runtime import expected_latent
 from comfyui_xdit_hunyuan.worker import PoolClient, get_pool, shutdown_all
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="the fault tests send
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = "tests.fake_runtime:FakeRuntime"
-CFG2 = ParallelConfig(devices="cpu:2", cfg_degree=2)
+POOL2, POOL1 = PoolConfig(devices="cpu:2"), PoolConfig(devices="cpu:1")
+CFG2, SERIAL = ParallelConfig(cfg_degree=2), ParallelConfig()
 HANG_S = 3.0
 
 
@@ -74,7 +76,7 @@ def pool():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync,expandable_segments:True")
         mp.setenv("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync")
-        client = PoolClient(CFG2, runtime=FAKE, hang_timeout=HANG_S, startup_timeout=120)
+        client = PoolClient(POOL2, runtime=FAKE, hang_timeout=HANG_S, startup_timeout=120)
         yield client
         client.close()
 
@@ -288,7 +290,7 @@ def test_worker_exits_when_its_control_connection_ends(pool):
 
 
 def test_startup_failure_is_a_clear_error():
-    client = PoolClient(ParallelConfig(devices="cpu:1"), runtime="tests.fake_runtime:NoSuchRuntime",
+    client = PoolClient(POOL1, runtime="tests.fake_runtime:NoSuchRuntime",
                         startup_timeout=60)
     t0 = time.monotonic()
     with pytest.raises(PoolError, match="failed to start: AttributeError.*NoSuchRuntime") as e:
@@ -299,14 +301,14 @@ def test_startup_failure_is_a_clear_error():
 
 def test_a_worker_that_dies_before_connecting_or_cannot_be_started_is_reported():
     with pytest.raises(PoolError, match="during start-up: rank 0 .* exited with code 1"):
-        PoolClient(ParallelConfig(devices="cpu:1"), python="/bin/false").start()
+        PoolClient(POOL1, python="/bin/false").start()
     with pytest.raises(PoolError, match="interpreter '/nonexistent/python'"):
-        PoolClient(ParallelConfig(devices="cpu:1"), python="/nonexistent/python").start()
+        PoolClient(POOL1, python="/nonexistent/python").start()
 
 
 def test_startup_timeout_is_never_a_silent_hang(monkeypatch):
     monkeypatch.setenv("FAKE_RUNTIME_INIT_SLEEP", "60")
-    client = PoolClient(ParallelConfig(devices="cpu:1"), runtime=FAKE, startup_timeout=3)
+    client = PoolClient(POOL1, runtime=FAKE, startup_timeout=3)
     t0 = time.monotonic()
     with pytest.raises(PoolError, match=r"startup_timeout \(3 s\)"):
         client.start()
@@ -348,11 +350,12 @@ def test_close_leaves_no_worker_and_no_file(pool):
 
 PARENT = """
 import json, sys, time
-from comfyui_xdit_hunyuan.plan import ParallelConfig
+from comfyui_xdit_hunyuan.config import PoolConfig
+from comfyui_xdit_hunyuan.config import PoolConfig
 from comfyui_xdit_hunyuan.worker import PoolClient
 from comfyui_xdit_hunyuan.worker.client import close_pools_on_sigterm
 assert not {on_sigterm} or close_pools_on_sigterm()
-pool = PoolClient(ParallelConfig(devices="cpu:2", cfg_degree=2), runtime={fake!r}).start()
+pool = PoolClient(PoolConfig(devices="cpu:2"), runtime={fake!r}).start()
 print(json.dumps([pool.pids, pool.temp_dir]), flush=True)
 time.sleep(120)
 """
@@ -390,16 +393,15 @@ def test_sigterm_of_the_parent_closes_the_pool_and_removes_its_folder():
 
 def test_get_pool_reuses_per_key_and_restarts_on_a_new_one():
     try:
-        a = get_pool(CFG2, runtime=FAKE)
-        assert get_pool(ParallelConfig(devices="cpu:2", cfg_degree=2, warmup_steps=3)) is a   # same key
+        a = get_pool(POOL2, runtime=FAKE)
+        assert get_pool(PoolConfig(devices="cpu:2", auto_table="other.json")) is a   # same key
         job = make_job("registry")
         torch.testing.assert_close(a.run(job, CFG2), expected_latent(job, 2, 3.0), rtol=0, atol=0)
         pids = a.pids
-        one = ParallelConfig(devices="cpu:1")
-        b = get_pool(one, runtime=FAKE)
+        b = get_pool(POOL1, runtime=FAKE)
         assert b is not a and not a.alive and wait_gone(pids, 1.0) == []
-        torch.testing.assert_close(b.run(job, one), expected_latent(job, 1, 3.0), rtol=0, atol=0)
-        assert get_pool(one) is b and b.alive
+        torch.testing.assert_close(b.run(job, SERIAL), expected_latent(job, 1, 3.0), rtol=0, atol=0)
+        assert get_pool(POOL1) is b and b.alive
         pids = b.pids
     finally:
         shutdown_all()
@@ -419,7 +421,7 @@ def test_another_package_named_worker_does_not_shadow_the_pool(monkeypatch, tmp_
     monkeypatch.setitem(sys.modules, "worker", types.ModuleType("worker"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ["PYTHONPATH"]]))
     job = make_job("foreign-worker")
-    with PoolClient(ParallelConfig(devices="cpu:1"), runtime=FAKE, startup_timeout=120) as client:
-        torch.testing.assert_close(client.run(job, ParallelConfig(devices="cpu:1")), expected_latent(job, 1, 3.0),
+    with PoolClient(POOL1, runtime=FAKE, startup_timeout=120) as client:
+        torch.testing.assert_close(client.run(job, SERIAL), expected_latent(job, 1, 3.0),
                                    rtol=0, atol=0)
     assert PoolClient.__module__ == "comfyui_xdit_hunyuan.worker.client"

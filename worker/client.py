@@ -1,7 +1,7 @@
 """The pool client: lives in ComfyUI's process and owns one worker process per device.
 
-    pool = get_pool(config)                       # reused while config.key() stays the same
-    latent = pool.run(job, plan, on_progress=..., cancel=...)
+    pool = get_pool(pool_config)                  # reused while pool_config.key() stays the same
+    latent = pool.run(job, plan, on_progress=..., cancel=...)   # plan: this job's degrees
 
 Faults never hang the caller: a worker that exits, stops answering or raises something other than a
 JobError becomes a PoolError naming the rank, its device and its own last words; every worker is then
@@ -33,7 +33,8 @@ from typing import Callable, Mapping
 import torch
 
 from ..job import Job, JobCancelled, JobError, PoolError, WeightsRef
-from ..plan import ParallelConfig, PlanError, parse_devices
+from ..config import PoolConfig, parse_devices
+from ..plan import ParallelConfig, PlanError
 
 from . import protocol as P
 from .processes import DIR_PREFIX, describe_exit, kill_group, own_process_group, spawn, sweep_stale_dirs
@@ -71,7 +72,8 @@ class _Worker:
 
 
 class PoolClient:
-    """A warm pool of worker processes, one per device of `config.devices`.
+    """A warm pool of worker processes, one per device of `config.devices` (a config.PoolConfig). Each job
+    brings its own degrees (plan.ParallelConfig): a change of degrees reuses the same processes.
 
     startup_timeout: seconds the workers get to start (import, process group, runtime; GPU compile can
     be slow). hang_timeout: seconds a worker may stay silent during a job (heartbeats come every
@@ -79,7 +81,7 @@ class PoolClient:
     runtime class as "module:Class" (tests use a fake). log: where the workers' output goes.
     """
 
-    def __init__(self, config: ParallelConfig, *, startup_timeout: float = 600.0, hang_timeout: float = 60.0,
+    def __init__(self, config: PoolConfig, *, startup_timeout: float = 600.0, hang_timeout: float = 60.0,
                  python: str = sys.executable, log: logging.Logger | None = None,
                  runtime: str = P.DEFAULT_RUNTIME):
         self.config = config
@@ -114,6 +116,11 @@ class PoolClient:
     @property
     def devices(self) -> list[str]:
         return list(self._devices) if self._devices is not None else parse_devices(self.config.devices)
+
+    @property
+    def _compiles(self) -> bool:
+        """GPU workers compile (CPU workers run eager)."""
+        return self.config.compile and any(d.startswith("cuda") for d in self.devices)
 
     @property
     def world_size(self) -> int:
@@ -358,7 +365,7 @@ class PoolClient:
                         interrupt, cancelling = e, True
                     if cancelling:
                         self._broadcast({"type": P.CANCEL, "id": job_id})
-                limit = (max(self.hang_timeout, 20 * slowest) if steps_seen and not self.config.compile
+                limit = (max(self.hang_timeout, 20 * slowest) if steps_seen and not self._compiles
                          else self.startup_timeout)          # compiling a new shape may take minutes
                 if not cancelling and time.monotonic() - last_step > limit:
                     self._dump_stacks()
@@ -703,7 +710,7 @@ _registry_lock = threading.RLock()   # re-entered by a SIGTERM handler on the ma
 _current: PoolClient | None = None
 
 
-def get_pool(config: ParallelConfig, **options) -> PoolClient:
+def get_pool(config: PoolConfig, **options) -> PoolClient:
     """The pool for `config`: the current one when its config.key() matches (options are then
     ignored); otherwise the current pool is closed first (GPUs are exclusive) and a new client is
     made. The client starts its workers on its first run() (or start())."""

@@ -29,7 +29,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--family", required=True, choices=("AF_UNIX", "AF_INET"))
     p.add_argument("--address", required=True, help="the client's control socket")
     p.add_argument("--init-method", required=True, help="torch.distributed rendezvous (file:// URL)")
-    p.add_argument("--config", required=True, help="ParallelConfig as JSON")
+    p.add_argument("--config", required=True, help="config.PoolConfig as JSON")
     p.add_argument("--runtime", default="comfyui_xdit_hunyuan.parallel.runtime:RankRuntime",
                    help="module:Class of the per-rank runtime")
     p.add_argument("--parent-pid", type=int, required=True)
@@ -155,7 +155,7 @@ class Worker:
         import torch
         import torch.distributed as dist
 
-        from ..plan import ParallelConfig
+        from ..config import PoolConfig
 
         args = self.args
         device = torch.device(args.device)
@@ -170,7 +170,7 @@ class Worker:
             raise RuntimeError(f"the start-up all_reduce gave {probe.item()}, expected {args.world_size}")
         module, _, name = args.runtime.partition(":")
         cls = getattr(importlib.import_module(module), name)
-        config = ParallelConfig(**json.loads(args.config))
+        config = PoolConfig(**json.loads(args.config))
         return cls(config, args.rank, args.world_size, args.device)
 
     def _run(self, msg: dict) -> None:

@@ -452,20 +452,16 @@ class HunyuanDiT(nn.Module):
                     attn.pad_out_weight(padded_head_dim(attn.head_dim))
         return on
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, mode: str | None = None) -> None:
         """Regional torch.compile (blocks share the compiled code, so the first run stays short):
         - whole blocks, for attention that traces (one GPU, CFG parallel): attention fuses with its
           neighbours;
         - the two halves of a block around self-attention, for attention that communicates (Ulysses, Ring,
           PipeFusion's K/V buffer): called one after the other with the attention in between, so there is no
-          graph break inside a block and no graph per block index. Both compile lazily, at first use."""
-        import os
-
+          graph break inside a block and no graph per block index. Both compile lazily, at first use.
+        `mode`: torch.compile's mode (config.PoolConfig.compile_mode; None is its default)."""
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # torch.compile's mode, for experiments on a GPU (e.g. "max-autotune-no-cudagraphs",
-        # "reduce-overhead"); the workers inherit the variable from ComfyUI's environment
-        mode = os.environ.get("XDIT_HUNYUAN_COMPILE_MODE") or None
         # a machine that cannot compile (no Triton, no C compiler) runs the blocks eagerly, with dynamo's
         # warning in the worker's log, instead of failing every job
         torch._dynamo.config.suppress_errors = True

@@ -37,16 +37,13 @@ def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or INTERPRET)
 
 
-ENV = "XDIT_HUNYUAN_FUSED_KERNELS"
-
-
-def wanted(device: torch.device) -> bool:
-    """Whether a worker on `device` uses the kernels: on GPUs unless XDIT_HUNYUAN_FUSED_KERNELS=0 (results
-    then differ only by rounding); =1 also on the CPU under TRITON_INTERPRET=1 (tests)."""
-    v = os.environ.get(ENV, "").strip().lower()
-    if v in ("0", "off", "false", "no"):
+def wanted(device: torch.device, setting: str = "auto") -> bool:
+    """Whether a worker on `device` uses the kernels (config.PoolConfig.fused_kernels): "auto" on GPUs, "on"
+    wherever they run (the CPU under TRITON_INTERPRET=1: tests), "off" never (results then differ only by
+    rounding)."""
+    if setting == "off":
         return False
-    return available(device) and (device.type == "cuda" or v in ("1", "on", "true", "yes"))
+    return available(device) and (device.type == "cuda" or setting == "on")
 
 
 # launch configurations (rows per program, warps) on GPUs, from bench/kernel_bench.py on an H100

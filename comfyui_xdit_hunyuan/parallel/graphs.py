@@ -18,7 +18,6 @@ weights change, and each entry keeps the tensors it reads (RoPE tables) alive.
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -27,21 +26,13 @@ import torch
 
 log = logging.getLogger("comfyui_xdit_hunyuan")
 
-ENV = "XDIT_HUNYUAN_CUDA_GRAPHS"
-
-
-def graphs_mode(device: torch.device) -> str | None:
-    """None (no graphs: CPU devices, XDIT_HUNYUAN_CUDA_GRAPHS=0, or torch.compile's own graphs requested with
-    XDIT_HUNYUAN_COMPILE_MODE=reduce-overhead, which would nest), "local" (=local: only model calls without
-    collectives: one GPU, CFG parallel) or "all" (the default on CUDA: Ulysses / Ring too)."""
-    if device.type != "cuda":
+def graphs_mode(device: torch.device, setting: str = "all", compile_mode: str | None = None) -> str | None:
+    """What config.PoolConfig.cuda_graphs gives on `device`: None (no graphs: CPU devices, "off", or
+    torch.compile's own graphs requested with compile_mode "reduce-overhead", which would nest), "local" (only
+    model calls without collectives: one GPU, CFG parallel) or "all" (Ulysses / Ring too)."""
+    if device.type != "cuda" or setting == "off" or "reduce-overhead" in (compile_mode or ""):
         return None
-    value = os.environ.get(ENV, "1").strip().lower()
-    if value in ("0", "false", "no", "off"):
-        return None
-    if "reduce-overhead" in (os.environ.get("XDIT_HUNYUAN_COMPILE_MODE") or ""):
-        return None
-    return "local" if value == "local" else "all"
+    return "local" if setting == "local" else "all"
 
 
 class CudaRecorder:
@@ -123,7 +114,7 @@ class GraphCache:
                 e.failed = True
                 self.failures += 1
                 log.warning("xDiT: CUDA graph recording failed (%s: %s); this shape runs without graphs "
-                            "(same results, slower steps; XDIT_HUNYUAN_CUDA_GRAPHS=0 turns them off)",
+                            "(same results, slower steps; XDIT_HUNYUAN_CUDA_GRAPHS=0 before starting ComfyUI turns them off)",
                             type(err).__name__, err)
                 return self._with_room(key, retry, lambda: fn(*args))
         e.replay()

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ..job import Job, JobError
 from ..model import HunyuanDiT, kernels
 from ..model.attention import resolve_backend
+from ..config import PoolConfig
 from ..plan import ParallelConfig
 from .graphs import GraphCache, graphs_mode
 from .mesh import build_mesh
@@ -37,10 +38,11 @@ def build_weights(source, *, dtype: torch.dtype, device: torch.device) -> Hunyua
 
 class RankRuntime:
     """One per worker process, created after torch.distributed's default group is initialised (or with
-    world_size 1 and no torch.distributed at all)."""
+    world_size 1 and no torch.distributed at all). `pool`: what the pool was started with (dtype, attention,
+    compile, graphs, kernels); the degrees come with each job."""
 
-    def __init__(self, config: ParallelConfig, rank: int, world_size: int, device: str):
-        self.config, self.rank, self.world_size = config, rank, world_size
+    def __init__(self, pool: PoolConfig, rank: int, world_size: int, device: str):
+        self.pool, self.rank, self.world_size = pool, rank, world_size
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -48,7 +50,7 @@ class RankRuntime:
             # oversubscribe the host, and each small CPU op would then wait at OpenMP barriers.
             cap = max(1, min(8, (os.cpu_count() or 1) // (2 * world_size)))
             torch.set_num_threads(min(torch.get_num_threads(), cap))
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(pool.dtype, self.device)
         self.model: HunyuanDiT | None = None
         self.identity: str | None = None
         self.loads = 0                              # real weight loads (tests assert reuse)
@@ -56,7 +58,7 @@ class RankRuntime:
         self.last_setup_phases: dict = {}              # host time of the last job before its first step
         # CUDA graphs of the whole model call (every plan without PipeFusion); they hold the weights'
         # addresses, so they are dropped whenever the weights change
-        mode = graphs_mode(self.device)
+        mode = graphs_mode(self.device, pool.cuda_graphs, pool.compile_mode)
         self.graphs = GraphCache(collectives=mode == "all") if mode else None
         # CPU group for agreeing on cancellation without touching the GPU stream
         self.ctrl = dist.new_group(backend="gloo") if world_size > 1 else None
@@ -79,12 +81,12 @@ class RankRuntime:
         self.model = build_weights(ref.source, dtype=self.dtype, device=self.device)
         if self.device.type == "cuda":
             self.model.use_fused_gelu()
-        if kernels.wanted(self.device):
+        if kernels.wanted(self.device, self.pool.fused_kernels):
             self.model.use_fused_kernels()
-        self.model.cross_backend = resolve_backend(self.config.attention, self.device, self.dtype,
-                                                   in_graph=self.config.compile)
-        if self.config.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager
-            self.model.compile_blocks()
+        self.model.cross_backend = resolve_backend(self.pool.attention, self.device, self.dtype,
+                                                   in_graph=self.pool.compile)
+        if self.pool.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager
+            self.model.compile_blocks(self.pool.compile_mode)
         self.identity = ref.identity
         self.loads += 1
         return True
@@ -111,8 +113,8 @@ class RankRuntime:
             report({"type": "loaded", "identity": self.identity})
         mesh = self.mesh_for(plan)
         # self-attention runs inside the compiled block graphs only without sequence parallelism / PipeFusion
-        in_graph = plan.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
-        backend = resolve_backend(plan.attention, self.device, self.dtype, in_graph=in_graph)
+        in_graph = self.pool.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
+        backend = resolve_backend(self.pool.attention, self.device, self.dtype, in_graph=in_graph)
         runner = Runner(self.model, mesh, plan, backend=backend, report=report, cancel_requested=cancel_requested,
                         graphs=self.graphs)
         try:
