@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from comfyui_xdit_hunyuan.parallel.runner import Runner
+from comfyui_xdit_hunyuan.parallel.runtime import RankRuntime
 from comfyui_xdit_hunyuan.plan import ParallelConfig
-from parallel_harness import make_job, pipefusion_reference, rel_err, run_on_mesh, serial_reference
+from comfyui_xdit_hunyuan.tiny import preset, random_cond
+from parallel_harness import (PRESET, _free_port, make_job, pipefusion_reference, rel_err, run_on_mesh,
+                              serial_reference)
 
 # max |parallel - serial| / max |serial|: float32 rounding (batch-size-dependent GEMM blocking, LSE merging)
 EXACT_TOL = 1e-5
@@ -87,3 +93,33 @@ def test_pipefusion(name, jobs, serial, piped):
         dev = float((o - ref).norm() / ref.norm())
         print(f"{name} {job.sampler}: PipeFusion deviation from serial {dev:.4f}")
         assert 0 < dev < PIPEFUSION_BOUND, (name, dev)
+
+
+def _reused_runner_rank(rank, world, port, plan, jobs, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    rt = RankRuntime(plan, rank, world, "cpu")
+    rt.ensure_weights(jobs[0].weights)
+    mesh = rt.mesh_for(plan)
+    fresh = [Runner(rt.model, mesh, plan).run(j) for j in jobs]
+    runner = Runner(rt.model, mesh, plan)
+    reused = [runner.run(j) for j in jobs]
+    if rank == 0:
+        torch.save((fresh, reused), out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_pipefusion_runner_reused_for_several_jobs_equals_fresh_runners(tmp_path):
+    """Each job's state (K/V buffer, pending sends, samplers, views) is its own: one Runner running jobs of
+    other shapes, prompts and samplers in turn gives exactly what a new Runner per job gives."""
+    plan = ParallelConfig(pipefusion_degree=2, num_pipeline_patch=3, warmup_steps=1)
+    other_prompt = [random_cond(preset(PRESET), 11, hw=(112, 144))]
+    jobs = [make_job(16, 16, steps=4), make_job(14, 18, steps=3, sampler="heun", positive=other_prompt),
+            make_job(16, 16, steps=4)]
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_reused_runner_rank, args=(2, _free_port(), plan, jobs, out), nprocs=2)
+    fresh, reused = torch.load(out)
+    assert fresh[0].shape != fresh[1].shape and torch.equal(fresh[0], fresh[2])
+    for i, (a, b) in enumerate(zip(fresh, reused)):
+        assert torch.equal(a, b), f"job {i}: {(a - b).abs().max().item()}"
