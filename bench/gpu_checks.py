@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import time
 import warnings
 
@@ -22,6 +23,7 @@ import torch
 
 
 from bench.profile_step import cuda_ms  # noqa: E402
+from comfyui_xdit_hunyuan.model import ComputeOptions  # noqa: E402
 from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
 from comfyui_xdit_hunyuan.job import Job, WeightsRef  # noqa: E402
 from comfyui_xdit_hunyuan.model.attention import attention, attention_lse, resolve_backend  # noqa: E402
@@ -78,7 +80,7 @@ def one_rank_job(pixels: int, steps: int) -> Job:
 def check_syncs_and_speed(skip_compile: bool):
     print("== serial runner at 1024^2: host syncs, step time ==")
     model = random_model("full", seed=0, dtype=torch.bfloat16, device="cuda")
-    model.cross_backend = "cudnn"
+    model.configure(ComputeOptions(cross_attention="cudnn"))
     plan = ParallelConfig()
     runner = Runner(model, build_mesh({}, 0), plan, backend="auto")
     runner.run(one_rank_job(1024, 2))                    # warm-up (kernels, cuDNN plans)
@@ -111,8 +113,8 @@ def compiled_full_model():
     """Full-size random bf16 model as a GPU worker sets it up (fused GELU, padded attention, compiled)."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     model = random_model("full", seed=0, dtype=dt, device=dev)
-    model.use_fused_gelu()
-    model.cross_backend = backend = resolve_backend("auto", dev, dt, in_graph=True)
+    backend = resolve_backend("auto", dev, dt, in_graph=True)
+    model.configure(ComputeOptions(fused_gelu=True, cross_attention=backend))
     model.compile_blocks()
     return model, backend
 
@@ -155,7 +157,8 @@ def check_fused(steps: int, pixels: int = 1024):
     plan = ParallelConfig()
     outs, ms = {}, {}
     for name in ("unfused", "fused"):
-        print(f"  {name}: kernels {'on' if model.use_fused_kernels(name == 'fused') else 'off'}", flush=True)
+        on = model.configure(replace(model.options, fused_kernels=name == "fused")).fused_kernels
+        print(f"  {name}: kernels {'on' if on else 'off'}", flush=True)
         cache = GraphCache()
         for scale in (5.0, 1.0):
             runner = Runner(model, build_mesh({}, 0), plan, backend=backend, graphs=cache)

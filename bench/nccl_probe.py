@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+from comfyui_xdit_hunyuan.model import ComputeOptions  # noqa: E402
 from comfyui_xdit_hunyuan.bench import bench_job  # noqa: E402
 from comfyui_xdit_hunyuan.job import WeightsRef  # noqa: E402
 from comfyui_xdit_hunyuan.model.attention import attention_lse  # noqa: E402
@@ -47,10 +48,8 @@ def rank_main(rank: int, world: int, a):
     ctrl = dist.new_group(backend="gloo")
     say = lambda *m: print(f"[rank {rank}]", *m, flush=True)  # noqa: E731
     model = random_model(name, seed=0, dtype=torch.float32 if a.cpu else torch.bfloat16, device=dev)
-    if not a.cpu:
-        model.use_fused_gelu()
+    model.configure(ComputeOptions(fused_gelu=not a.cpu, cross_attention="padded" if a.compile else "sdpa"))
     if a.compile:
-        model.cross_backend = "padded"
         model.compile_blocks()
     serial = None
     if rank == 0:

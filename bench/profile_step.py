@@ -19,6 +19,7 @@ import torch
 import torch._dynamo
 
 
+from comfyui_xdit_hunyuan.model import ComputeOptions  # noqa: E402
 from comfyui_xdit_hunyuan.model import LocalAttention, TokenGrid  # noqa: E402
 from comfyui_xdit_hunyuan.tiny import random_cond, random_model  # noqa: E402
 
@@ -93,9 +94,9 @@ def main():
         if dev.type == "cuda":     # the fused GEMM's GELU must be the tanh GELU of the plain path
             xs = torch.randn(256, cfg.hidden_size, device=dev)
             mlp = model.blocks[0].mlp.float()
-            mlp.fused_gelu = False
+            mlp.options = ComputeOptions()
             plain = mlp(xs)
-            mlp.fused_gelu = True
+            mlp.options = ComputeOptions(fused_gelu=True)
             print(f"fused GELU GEMM vs plain, float32: rel diff {((mlp(xs) - plain).norm() / plain.norm()).item():.1e}")
             mlp.to(model.dtype)
         ref = step().float()
@@ -104,9 +105,9 @@ def main():
             t0 = time.perf_counter()
             try:
                 base, *flags = variant.split("+")        # e.g. compiled+pad+gelu
-                attn.backend = model.cross_backend = "padded" if "pad" in flags else a.backend
-                model.use_fused_gelu("gelu" in flags)
-                model.use_fused_kernels("fused" in flags)
+                attn.backend = "padded" if "pad" in flags else a.backend
+                model.configure(ComputeOptions(fused_kernels="fused" in flags, fused_gelu="gelu" in flags,
+                                               cross_attention=attn.backend))
                 text.text_kv = []                   # per-block text K/V again (padded with the kernels)
                 if base == "eager":
                     torch._dynamo.reset()

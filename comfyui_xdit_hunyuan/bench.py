@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .job import Job, WeightsRef
+from .compile_cache import default_root
 from .config import PoolConfig, env_overrides, parse_devices
 from .plan import AUTO_TABLE, ParallelConfig
 from .tiny import preset as model_preset, random_cond
@@ -76,8 +77,8 @@ def run_bench(args) -> dict:
         for n in counts:
             # one pool per device count: a change of degrees runs on the same warm workers
             pool_config = PoolConfig(devices=",".join(devices[:n]) if devices[0] != "cpu" else f"cpu:{n}",
-                                     compile=compiled, dtype=args.dtype, attention=args.attention
-                                     ).with_overrides(env_overrides(os.environ))
+                                     compile=compiled, dtype=args.dtype, attention=args.attention,
+                                     cache_dir=str(default_root())).with_overrides(env_overrides(os.environ))
             t_start = time.perf_counter()
             try:
                 client = PoolClient(pool_config, hang_timeout=args.hang_timeout,

@@ -1,8 +1,9 @@
-"""Checks of a job against a parallel plan and a model, before any worker work.
+"""Checks of a job against a parallel plan and a model, before any worker work: the one gate.
 
-The pool client runs `validate_job` for every job, whoever built it (the ComfyUI node, the command line,
-the benchmark), so a bad job is rejected with a message that says what to change and never reaches a
-worker. `model_config` reads a weights source's shape cheaply (safetensors headers only).
+Every job passes `validate_job` once, whoever built it (the ComfyUI node before it asks for the pool, the
+pool client for any job that did not pass it yet: the command line, the benchmark), so a bad job is rejected
+with a message that says what to change and never reaches a worker. Front ends convert their inputs and
+name what they cannot use; shapes, batch sizes, finiteness and the sampler name are checked here. `model_config` reads a weights source's shape cheaply (safetensors headers only).
 """
 from __future__ import annotations
 
@@ -74,9 +75,10 @@ def _check_entry(e: CondEntry, which: str, cfg: HunyuanDiTConfig, batch: int) ->
         raise JobError(f"the {which} conditioning strength {e.strength!r} must be a finite number >= 0")
 
 
-def validate_job(job: Job, plan: ParallelConfig, cfg: HunyuanDiTConfig) -> list[str]:
+def validate_job(job: Job, plan: ParallelConfig, cfg: HunyuanDiTConfig) -> list:
     """Raise JobError/PlanError for a job that cannot run under `plan` on a model of shape `cfg`.
-    Returns warnings (e.g. a wasted CFG rank) for the caller to log."""
+    Returns warnings (plan.Message: e.g. a wasted CFG rank) for the caller to log, and records on the job
+    that it passed (job.checked), so that it is not checked twice."""
     from . import sampling
 
     plan.validate(num_heads=cfg.num_heads, depth=cfg.depth)
@@ -119,5 +121,7 @@ def validate_job(job: Job, plan: ParallelConfig, cfg: HunyuanDiTConfig) -> list[
                        "(an empty prompt is fine)")
     for which, entries in (("positive", job.positive), ("negative", job.negative)):
         check_conditioning(entries, which, cfg, batch)
-    return check_job(plan, steps=len(sig) - 1, latent_hw=tuple(lat.shape[2:]), cfg_scale=job.cfg,
-                     patch_size=cfg.patch_size)
+    warnings = check_job(plan, steps=len(sig) - 1, latent_hw=tuple(lat.shape[2:]), cfg_scale=job.cfg,
+                         patch_size=cfg.patch_size)
+    job.checked = (plan, cfg)
+    return warnings

@@ -67,6 +67,9 @@ class Job:
     step_noises: list | None = None    # optional per-step noise tensors (e.g. ComfyUI's own noise sampler)
     preview_every: int = 0             # send a small x0 preview every N steps (0: never)
     job_id: str = ""
+    # (plan, model config) the job passed checks.validate_job for: the pool does not check it again. Not an
+    # init field, so a copy made with dataclasses.replace (another latent, say) is checked anew.
+    checked: Any = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def steps(self) -> int:

@@ -55,7 +55,8 @@ class FakeRuntime:
         self.last_source: str | None = None
 
     def stats(self) -> dict:
-        return {"loads_by_identity": dict(self.loads_by_identity), "last_source": self.last_source}
+        return {"loads_by_identity": dict(self.loads_by_identity), "last_source": self.last_source,
+                "cache_env": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}}
 
     def _load(self, weights) -> None:
         self.last_source = weights.source

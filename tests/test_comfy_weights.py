@@ -27,7 +27,7 @@ try:
 except ImportError as exc:  # a dependency of ComfyUI is missing
     pytest.skip(f"ComfyUI at {COMFYUI_DIR} does not import here: {exc}", allow_module_level=True)
 
-from comfyui_xdit_hunyuan import comfy_glue as glue  # noqa: E402
+from comfyui_xdit_hunyuan import adapter as glue  # noqa: E402
 from comfyui_xdit_hunyuan.model import HunyuanDiT, HunyuanDiTConfig, init_random_  # noqa: E402
 
 # what ComfyUI leaves unpatched in HunyuanDiT: parameters of modules that also have child modules

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from comfyui_xdit_hunyuan.model import LocalAttention, TokenGrid, kernels, rope_table
+from comfyui_xdit_hunyuan.model import ComputeOptions, LocalAttention, TokenGrid, kernels, rope_table
 from comfyui_xdit_hunyuan.config import PoolConfig
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from comfyui_xdit_hunyuan.tiny import random_model
@@ -93,8 +93,8 @@ def test_the_model_with_fused_kernels_equals_the_unfused_model(model_inputs):
     x, t = inp.pop("x"), inp.pop("t")
     with torch.no_grad():
         ref = model(x, t, **inp, attention=LocalAttention("padded"))
-        assert model.use_fused_kernels()
-        model.cross_backend = "padded"                  # text K/V padded too (as on a GPU in a compiled graph)
+        # text K/V padded too (as on a GPU in a compiled graph)
+        assert model.configure(ComputeOptions(fused_kernels=True, cross_attention="padded")).fused_kernels
         out = model(x, t, **inp, attention=LocalAttention("padded"))
         assert _max_rel(out, ref) < 1e-5
         text = model.encode_text(**inp, batch=2)
@@ -105,7 +105,6 @@ def test_the_model_with_fused_kernels_equals_the_unfused_model(model_inputs):
             def __call__(self, q, k, v, block):
                 assert q.shape[-1] == model.cfg.head_dim  # self-attention unpadded there
                 return LocalAttention("sdpa")(q, k, v, block)
-        model._split = (type(model.blocks[0]).before_attention, type(model.blocks[0]).after_attention)
         out = model(x, t, **inp, attention=Communicating())
         assert _max_rel(out, ref) < 1e-5
 

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from comfyui_xdit_hunyuan.parallel.runner import Runner
 from comfyui_xdit_hunyuan.parallel.runtime import RankRuntime
+from comfyui_xdit_hunyuan.config import PoolConfig
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from comfyui_xdit_hunyuan.tiny import preset, random_cond
 from parallel_harness import (PRESET, _free_port, make_job, pipefusion_reference, rel_err, run_on_mesh,
@@ -98,7 +99,7 @@ def test_pipefusion(name, jobs, serial, piped):
 def _reused_runner_rank(rank, world, port, plan, jobs, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    rt = RankRuntime(plan, rank, world, "cpu")
+    rt = RankRuntime(PoolConfig(devices="cpu"), rank, world, "cpu")
     rt.ensure_weights(jobs[0].weights)
     mesh = rt.mesh_for(plan)
     fresh = [Runner(rt.model, mesh, plan).run(j) for j in jobs]

@@ -33,6 +33,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..job import Job, JobCancelled, JobError, PoolError, WeightsRef
+from .. import compile_cache
 from ..config import PoolConfig, parse_devices
 from ..plan import ParallelConfig, PlanError
 
@@ -178,6 +179,7 @@ class PoolClient:
                                                      self._accept_stop))
         self._accept_thread.start()
         world = len(devices)
+        cache_env = self._cache_env()
         common = ["--world-size", str(world), "--family", family, "--address", address,
                   "--init-method", Path(self._tmp, "rendezvous").as_uri(),
                   "--config", json.dumps(self.config.to_dict()), "--runtime", self.runtime,
@@ -187,7 +189,7 @@ class PoolClient:
                 proc = spawn(
                     [self.python, *P.ISOLATE_CWD, "-m", WORKER_MODULE, "--rank", str(rank), "--device", device, *common],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    env=P.worker_env(os.environ, device, world), **own_process_group())
+                    env=P.worker_env(os.environ, device, world, cache_env), **own_process_group())
             except OSError as e:
                 raise PoolError(f"could not start a worker process with the interpreter '{self.python}': {e}; "
                                 f"pass python= an interpreter that has torch installed") from e
@@ -202,6 +204,18 @@ class PoolClient:
                 t = threading.Thread(target=target, args=(w,), name=f"xdit-pool-{name}-{rank}", daemon=True)
                 t.start()
                 w.threads.append(t)
+
+    def _cache_env(self) -> dict[str, str]:
+        """Where the workers' compilers keep their caches (config.cache_dir; none: their own defaults). Made
+        here, once, before any worker starts."""
+        if not self.config.cache_dir:
+            return {}
+        try:
+            return compile_cache.environment(compile_cache.prepare(self.config.cache_dir))
+        except OSError as e:
+            self.log.warning("xDiT pool: the compile cache folder %s cannot be used (%s); the workers use "
+                             "their compilers' default caches", self.config.cache_dir, e)
+            return {}
 
     def _accept(self, listener, expected: int, out: queue.Queue, stop: threading.Event) -> None:
         """Accept `expected` authenticated workers; each must say hello right after the handshake."""
@@ -444,6 +458,8 @@ class PoolClient:
             except ValueError as e:          # not HunyuanDiT, truncated, missing file, ...
                 raise JobError(str(e)) from e
         self._model_configs[ref.identity] = cfg
+        if job.checked == (plan, cfg):       # the front end ran the gate already
+            return []
         return checks.validate_job(job, plan, cfg)
 
     def _wire_job(self, job: Job) -> tuple[Job, Path | None]:

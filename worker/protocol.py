@@ -104,11 +104,13 @@ def strip_cuda_malloc_async(value: str) -> str:
     return ",".join(kept)
 
 
-def worker_env(base: Mapping[str, str], device: str, world_size: int) -> dict[str, str]:
+def worker_env(base: Mapping[str, str], device: str, world_size: int,
+               extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of one worker: the parent's, minus cudaMallocAsync, NVLink multicast off,
     unbuffered output, collectives on the loopback interface, and a fair share of CPU threads for
-    CPU workers (unless the user set OMP_NUM_THREADS)."""
+    CPU workers (unless the user set OMP_NUM_THREADS); `extra` on top (the compile caches' folders)."""
     env = dict(base)
+    env.update(extra or {})
     for var in ALLOC_CONF_VARS:
         if var in env:
             cleaned = strip_cuda_malloc_async(env[var])

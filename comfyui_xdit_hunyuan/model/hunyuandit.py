@@ -11,7 +11,7 @@ Hooks for the parallel engine, and nothing else parallel-specific:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Protocol
 
 import torch
@@ -62,19 +62,35 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the blocks compute, chosen by whoever hosts the model for its device (the runtime, from
+    config.PoolConfig); given to HunyuanDiT.configure. Results differ by floating-point rounding only.
+
+    fused_kernels: the Triton kernels of model/kernels.py (q/k norm + RoPE + head padding in one pass, the skip
+    merge's norm without the concatenation, residual adds fused with the next norm); needs Triton.
+    fused_gelu: fc1 + tanh-GELU as one GEMM with a GELU epilogue (cuBLASLt through torch._addmm_activation,
+    which torch.compile keeps as one call): the 4.4x-wide hidden activation is written once instead of
+    written, read and written again. CUDA only (the CPU kernel's epilogue is the erf GELU).
+    cross_attention: the cross-attention kernel (model.attention.BACKENDS)."""
+    fused_kernels: bool = False
+    fused_gelu: bool = False
+    cross_attention: str = "sdpa"
+
+
+PLAIN = ComputeOptions()
+
+
 class Mlp(nn.Module):
+    options = PLAIN                # HunyuanDiT.configure gives every layer the model's options
+
     def __init__(self, dim: int, hidden: int, **kw):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, **kw)
         self.fc2 = nn.Linear(hidden, dim, **kw)
 
-    # fc1 + tanh-GELU as one GEMM with a GELU epilogue (cuBLASLt through torch._addmm_activation, which
-    # torch.compile keeps as one call): the 4.4x-wide hidden activation is written once instead of written,
-    # read and written again, and the GELU is taken on the float32 accumulator. Set on GPUs by the runtime.
-    fused_gelu = False
-
     def forward(self, x):
-        if self.fused_gelu and x.is_cuda:          # (the CPU kernel's epilogue is the erf GELU)
+        if self.options.fused_gelu:
             h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
             return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -87,13 +103,23 @@ class _OutProjection:
     heads: int
     head_dim: int
     out_proj: nn.Linear
-    fused = False              # Triton kernels (model/kernels.py); set by HunyuanDiT.use_fused_kernels
+    options = PLAIN
+    out_weight_padded: torch.Tensor | None = None
 
-    def pad_out_weight(self, pad_to: int) -> None:
+    def pad_out_weight(self, pad_to: int | None) -> None:
+        """The zero-padded copy of out_proj's weight for head dim pad_to (None: drop it). Refreshed in place
+        when it exists, so code that holds it (compiled graphs, CUDA graphs) sees new weights."""
+        if pad_to is None or pad_to == self.head_dim:
+            self.out_weight_padded = None
+            return
         w = self.out_proj.weight.detach()
-        padded = w.new_zeros(w.shape[0], self.heads, pad_to)
-        padded[..., : self.head_dim] = w.view(w.shape[0], self.heads, self.head_dim)
-        self.out_weight_padded = padded.view(w.shape[0], -1)
+        padded = self.out_weight_padded
+        if padded is None or padded.shape != (w.shape[0], self.heads * pad_to) or padded.dtype != w.dtype \
+                or padded.device != w.device:
+            padded = w.new_zeros(w.shape[0], self.heads * pad_to)
+        padded.view(w.shape[0], self.heads, pad_to)[..., : self.head_dim] = w.view(w.shape[0], self.heads,
+                                                                                   self.head_dim)
+        self.out_weight_padded = padded
 
     def out(self, o):
         b, _, n, d = o.shape
@@ -118,7 +144,7 @@ class SelfAttentionLayer(_OutProjection, nn.Module):
         pad_to (attention traced with the block), one kernel per tensor, the head dim padded to pad_to and
         q scaled so that attention's default softmax scale 1/sqrt(pad_to) acts as 1/sqrt(d)."""
         b, n, _ = x.shape
-        if self.fused and pad_to is not None:
+        if self.options.fused_kernels and pad_to is not None:
             y, hd = self.Wqkv(x), self.heads * self.head_dim
             return (norm_rope_pad(y, 0, self.heads, self.head_dim, self.q_norm, rope, pad_to,
                                   softmax_rescale(self.head_dim, pad_to)),
@@ -157,7 +183,7 @@ class CrossAttentionLayer(_OutProjection, nn.Module):
 
     def forward(self, x, text_kv, rope, backend: str):
         b, n, _ = x.shape
-        if self.fused:                             # q normed, rotated and padded to the text K/V in one pass
+        if self.options.fused_kernels:             # q normed, rotated and padded to the text K/V in one pass
             dp = text_kv[0].shape[-1]
             q = norm_rope_pad(self.q_proj(x), 0, self.heads, self.head_dim, self.q_norm, rope, dp,
                               softmax_rescale(self.head_dim, dp))
@@ -171,7 +197,7 @@ class CrossAttentionLayer(_OutProjection, nn.Module):
 
 
 class HunyuanDiTBlock(nn.Module):
-    fused = False              # Triton kernels (model/kernels.py); set by HunyuanDiT.use_fused_kernels
+    options = PLAIN
 
     def __init__(self, cfg: HunyuanDiTConfig, skip: bool, **kw):
         super().__init__()
@@ -200,7 +226,7 @@ class HunyuanDiTBlock(nn.Module):
     def before_attention(self, x, shift, rope, skip, pad_to: int | None = None):
         """Skip merge, norm, shift, fused QKV, q/k norms and RoPE -> (x, q, k, v)."""
         if self.skip_linear is not None:
-            if self.fused:
+            if self.options.fused_kernels:
                 x = self.skip_linear(cat_layer_norm(x, skip, self.skip_norm))
             else:
                 x = self.skip_linear(layer_norm32(torch.cat([x, skip], dim=-1), self.skip_norm))
@@ -208,7 +234,7 @@ class HunyuanDiTBlock(nn.Module):
 
     def after_attention(self, x, o, text_kv, rope, cross_backend: str):
         """Self-attention output projection and residual, cross-attention, MLP."""
-        if self.fused:                  # each residual add and the norm after it in one pass
+        if self.options.fused_kernels:  # each residual add and the norm after it in one pass
             x, h = add_layer_norm(x, self.attn1.out(o), self.norm3)
             x, h = add_layer_norm(x, self.attn2(h, text_kv, rope, cross_backend), self.norm2)
             return x + self.mlp(h)
@@ -301,9 +327,11 @@ class HunyuanDiT(nn.Module):
                                             nn.Linear(d * 4, d, **kw))
         self.blocks = nn.ModuleList(HunyuanDiTBlock(cfg, skip=i > cfg.depth // 2, **kw) for i in range(cfg.depth))
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, **kw)
-        self.cross_backend = "sdpa"
+        self.options = PLAIN
         self._rope_cache: dict = {}
-        self._split = None              # compiled block halves (compile_blocks)
+        # a block's two halves around self-attention, run one after the other where the attention
+        # communicates (compile_blocks compiles them)
+        self._halves = (HunyuanDiTBlock.before_attention, HunyuanDiTBlock.after_attention)
 
     # ---------------------------------------------------------------- pieces the engine composes
     @property
@@ -382,7 +410,8 @@ class HunyuanDiT(nn.Module):
             text.text_kv = [None] * self.cfg.depth
         if text.text_kv[block] is None:
             attn2 = self.blocks[block].attn2
-            pad_to = padded_head_dim(attn2.head_dim) if attn2.fused and self.cross_backend == "padded" else None
+            pad_to = (padded_head_dim(attn2.head_dim)
+                      if self.options.fused_kernels and self.options.cross_attention == "padded" else None)
             text.text_kv[block] = attn2.text_kv(text.text, pad_to)
         return text.text_kv[block]
 
@@ -403,17 +432,18 @@ class HunyuanDiT(nn.Module):
                    skips: dict[int, torch.Tensor], attention: SelfAttention) -> torch.Tensor:
         """Run `blocks` (ascending indices) on tokens x. Skip inputs are popped from `skips` by the
         index of the block that produced them; skip outputs are stored there under this block's index."""
-        whole = getattr(attention, "traceable", False) or self._split is None
+        whole = getattr(attention, "traceable", False)
+        cross = self.options.cross_attention
         for i in blocks:
             src = self.cfg.skip_source(i)
             skip = skips.pop(src) if src is not None else None
             shift, text_kv = self.block_inputs(cond, i)
             if whole:       # attention traced into the block (in its compiled graph when compiled)
-                x = self.blocks[i](x, shift, text_kv, rope, skip, attention, i, self.cross_backend)
-            else:           # compiled halves around an attention that communicates (no graph break inside)
-                before, after = self._split
+                x = self.blocks[i](x, shift, text_kv, rope, skip, attention, i, cross)
+            else:           # the halves around an attention that communicates (no graph break inside)
+                before, after = self._halves
                 x, q, k, v = before(self.blocks[i], x, shift, rope, skip)
-                x = after(self.blocks[i], x, attention(q, k, v, i), text_kv, rope, self.cross_backend)
+                x = after(self.blocks[i], x, attention(q, k, v, i), text_kv, rope, cross)
             if self.cfg.is_skip_source(i):
                 skips[i] = x
         return x
@@ -433,24 +463,26 @@ class HunyuanDiT(nn.Module):
         x = x[:, : self.cfg.in_channels, : min(grid.height, r1 * p) - r0 * p, : grid.width]
         return x.float()
 
-    def use_fused_gelu(self, on: bool = True) -> None:
-        """fc1 + GELU as one GEMM with a GELU epilogue in every block (GPUs)."""
+    def configure(self, options: ComputeOptions) -> ComputeOptions:
+        """How the blocks compute from now on (ComputeOptions); returns what was applied: the fused kernels
+        only where Triton runs. Every layer shares the one options value."""
+        if options.fused_kernels and not kernels.available(self.device):
+            options = replace(options, fused_kernels=False)
+        if options.fused_gelu and self.device.type != "cuda":
+            options = replace(options, fused_gelu=False)
+        self.options = options
         for blk in self.blocks:
-            blk.mlp.fused_gelu = on
+            blk.options = blk.attn1.options = blk.attn2.options = blk.mlp.options = options
+        self.refresh_derived()
+        return options
 
-    def use_fused_kernels(self, on: bool = True) -> bool:
-        """The Triton kernels of model/kernels.py in every block (GPUs): q/k norm + RoPE + head padding in
-        one pass per tensor, the padded attention output projected without a copy, the skip merge's norm
-        without the concatenation pass, residual adds fused with the norms after them. False (and nothing
-        changed) where Triton cannot run."""
-        if on and not kernels.available(self.device):
-            return False
+    def refresh_derived(self) -> None:
+        """Tensors derived from the weights (the zero-padded output projections of the fused kernels), in
+        place: call after the weights change."""
+        fused = self.options.fused_kernels
         for blk in self.blocks:
-            blk.fused = blk.attn1.fused = blk.attn2.fused = on
             for attn in (blk.attn1, blk.attn2):
-                if on and padded_head_dim(attn.head_dim) != attn.head_dim:
-                    attn.pad_out_weight(padded_head_dim(attn.head_dim))
-        return on
+                attn.pad_out_weight(padded_head_dim(attn.head_dim) if fused else None)
 
     def compile_blocks(self, mode: str | None = None) -> None:
         """Regional torch.compile (blocks share the compiled code, so the first run stays short):
@@ -467,8 +499,8 @@ class HunyuanDiT(nn.Module):
         torch._dynamo.config.suppress_errors = True
         for blk in self.blocks:
             blk.compile(dynamic=False, mode=mode)
-        self._split = (torch.compile(HunyuanDiTBlock.before_attention, dynamic=False, mode=mode),
-                       torch.compile(HunyuanDiTBlock.after_attention, dynamic=False, mode=mode))
+        self._halves = (torch.compile(HunyuanDiTBlock.before_attention, dynamic=False, mode=mode),
+                        torch.compile(HunyuanDiTBlock.after_attention, dynamic=False, mode=mode))
 
     # ---------------------------------------------------------------- the whole model, serially
     def forward(self, x, t, context, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..job import Job, JobError
-from ..model import HunyuanDiT, kernels
+from ..model import ComputeOptions, HunyuanDiT, kernels
 from ..model.attention import resolve_backend
 from ..config import PoolConfig
 from ..plan import ParallelConfig
@@ -79,17 +79,19 @@ class RankRuntime:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.model = build_weights(ref.source, dtype=self.dtype, device=self.device)
-        if self.device.type == "cuda":
-            self.model.use_fused_gelu()
-        if kernels.wanted(self.device, self.pool.fused_kernels):
-            self.model.use_fused_kernels()
-        self.model.cross_backend = resolve_backend(self.pool.attention, self.device, self.dtype,
-                                                   in_graph=self.pool.compile)
+        self.model.configure(self.compute_options())
         if self.pool.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager
             self.model.compile_blocks(self.pool.compile_mode)
         self.identity = ref.identity
         self.loads += 1
         return True
+
+    def compute_options(self) -> ComputeOptions:
+        """How this rank's model computes, from the pool's config and the device."""
+        return ComputeOptions(fused_kernels=kernels.wanted(self.device, self.pool.fused_kernels),
+                              fused_gelu=self.device.type == "cuda",
+                              cross_attention=resolve_backend(self.pool.attention, self.device, self.dtype,
+                                                              in_graph=self.pool.compile))
 
     def mesh_for(self, plan: ParallelConfig):
         degrees = plan.mesh_degrees

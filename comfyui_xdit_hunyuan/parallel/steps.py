@@ -111,7 +111,7 @@ class WholeModelStep(Step):
         def fn(xin, t, *flat):
             return self._forward(xin, t, texts.unflatten(flat), attn, batches, layout, view)
 
-        key = ("whole", tuple(batches), attn.backend, self.model.cross_backend, tuple(self.blocks),
+        key = ("whole", tuple(batches), attn.backend, self.model.options.cross_attention, tuple(self.blocks),
                tuple(self.plan.mesh_degrees.items()), self.mesh.rank, tuple(view.ranges))
         return GraphedCall(key, fn, texts.flatten([g.text for g in st.groups]))
 

@@ -36,8 +36,16 @@ LORA = "xdit_tiny_lora.safetensors"
 START_TIMEOUT_S = 180
 RUN_TIMEOUT_S = 300
 # max |ours - KSampler's| / max |KSampler's| of the final LATENT. float32 on the CPU: the pack's model and
-# ComfyUI's round differently (measured 1e-7 .. 5e-6 relative; heun at 4 steps is the largest).
+# ComfyUI's round differently (measured 1e-7 .. 5e-6 relative; heun at 4 steps is the largest). In float64
+# both agree to 1e-14, and with ComfyUI's attention kernel swapped in the pack's model is bitwise KSampler's:
+# the gap is the attention kernel's rounding (torch SDPA vs ComfyUI's sub-quadratic CPU attention) and the
+# negative / positive prompt evaluated in two batches instead of one.
 REL_TOL = 1e-5
+# ModelMergeAdd of two different checkpoints is an ill-conditioned model: either implementation's own float32
+# result is 2e-4 from its float64 result (1.9e-4 the pack, 2.0e-4 KSampler at 4 steps), ten times their
+# distance from each other (2.1e-5); a weight perturbation of one float32 ulp moves the float64 latent by
+# 1.3e-5. Half of that self-error is the honest bound there.
+ILL_CONDITIONED_REL_TOL = 1e-4
 MODES = {"serial": ("cpu:1", {}), "cfg2": ("cpu:2", {"cfg_degree": 2}), "ulysses2": ("cpu:2", {"ulysses_degree": 2})}
 
 
@@ -238,14 +246,14 @@ def graph(*, devices="cpu:1", cfg_degree=1, ulysses_degree=1, ring_degree=1, see
     return g
 
 
-def _assert_close_to_ksampler(ref: torch.Tensor, got: torch.Tensor, what: str = "xDiT") -> None:
-    """max |got - ref| <= REL_TOL * max |ref| (the relative figure does not depend on the latent's scale)."""
+def _assert_close_to_ksampler(ref: torch.Tensor, got: torch.Tensor, what: str = "xDiT", tol: float = REL_TOL) -> None:
+    """max |got - ref| <= tol * max |ref| (the relative figure does not depend on the latent's scale)."""
     assert got.shape == ref.shape and got.dtype == torch.float32
     scale = ref.abs().max().item()
     assert scale > 0.1                           # not a trivially empty latent
     diff = (got - ref).abs().max().item()
-    assert diff <= REL_TOL * scale, (f"{what} latent differs from KSampler's by {diff:.3g}, {diff / scale:.3g} "
-                                     f"of max |latent| {scale:.3g} (> {REL_TOL})")
+    assert diff <= tol * scale, (f"{what} latent differs from KSampler's by {diff:.3g}, {diff / scale:.3g} "
+                                 f"of max |latent| {scale:.3g} (> {tol})")
 
 
 def _assert_equal_latents(server, prompt):
@@ -290,16 +298,16 @@ def merged_graph(merge: str, *, lora: bool, modes=tuple(MODES), weight_dtype: st
     return g
 
 
-def _assert_modes_equal_ksampler(server, g: dict, modes=tuple(MODES)) -> None:
+def _assert_modes_equal_ksampler(server, g: dict, modes=tuple(MODES), tol: float = REL_TOL) -> None:
     entry = server.run_ok(g)
     ref = server.latent(entry, "6")
     for i, mode in enumerate(modes):
-        _assert_close_to_ksampler(ref, server.latent(entry, f"s{i}"), f"xDiT {mode}")
+        _assert_close_to_ksampler(ref, server.latent(entry, f"s{i}"), f"xDiT {mode}", tol)
 
 
 # ---------------------------------------------------------------------------------------------- tests
 def test_nodes_are_registered_with_their_schemas(server):
-    from comfyui_xdit_hunyuan import comfy_glue as glue
+    from comfyui_xdit_hunyuan import adapter as glue
 
     info = server.get("/object_info")
     for node_id, specs, out in ((glue.CONFIG_NODE_ID, glue.CONFIG_INPUTS, [glue.PARALLEL_TYPE]),
@@ -430,7 +438,8 @@ def test_merged_models_equal_ksampler_in_every_exact_mode(server, merge, lora):
     """ComfyUI applies a MODEL's patches only to the parameters of the modules it loads (ModelPatcher's
     _load_list): after a merge of two different checkpoints, text_embedding_padding and the attention
     pool's positional_embedding keep model1's values in the model KSampler runs. So must ours."""
-    _assert_modes_equal_ksampler(server, merged_graph(merge, lora=lora))
+    _assert_modes_equal_ksampler(server, merged_graph(merge, lora=lora),
+                                 tol=ILL_CONDITIONED_REL_TOL if merge == "add" else REL_TOL)
 
 
 def test_fp8_weight_dtype_with_a_lora_equals_ksampler(server):
