@@ -44,7 +44,9 @@ class PoolConfig:
     cuda_graphs: str = "all"         # GPU: replay model calls from CUDA graphs; "local": not where they
                                      # communicate (Ulysses / Ring); "off"
     fused_kernels: str = "auto"      # the Triton kernels of model/kernels.py: "auto" on GPUs, "on", "off"
-    cache_dir: str | None = None     # the workers' persistent compile caches (None: the pack's default)
+    cache_dir: str | None = None     # the workers' persistent compile caches (None: their compilers' defaults)
+    keep_weights_gib: float = 4.0    # per rank: replaced weight tensors kept aside, so that going back to
+                                     # recent weights (a LoRA removed) needs no transfer
     auto_table: str | None = None    # the auto strategy's measured table (None: the shipped one); parent only
 
     def key(self) -> tuple:

@@ -45,11 +45,38 @@ class WeightsRef:
 
     identity: any string that changes whenever the weights change (file path + mtime, a hash of the
     patches applied, ...). source: a path the workers load from, or an in-memory canonical state dict,
-    or "random:<seed>:<preset>" for built-in random weights (demo, benchmark). Workers keep the last
-    identity loaded and skip loading when it matches.
+    or "random:<seed>:<preset>" for built-in random weights (demo, benchmark). A state dict may also say,
+    per key, which version of the tensor it holds (`version(key)`, equal versions meaning equal values):
+    the pool then sends only the tensors the workers do not hold. On its way to the workers the source
+    becomes a WeightDelta.
     """
     identity: str
     source: Any = None
+
+
+@dataclass
+class WeightDelta:
+    """What the workers do to the weights they hold before a job (the pool client decides; worker/weights.py).
+
+    base: load a whole model first, from a path (a checkpoint, or the client's staged file) or a "random:"
+    source; None keeps the model held. Then, in this order: `drop` frees kept tensors; `keep` copies the held
+    tensor of each key aside under an id (so that a later job can come back to it without a transfer);
+    `restore` copies a kept tensor back into a key; `files` are staged safetensors files whose tensors
+    replace those keys. Replacements are made in place: compiled code and CUDA graphs stay valid.
+
+        >>> d = WeightDelta(base=None, keep={"blocks.0.mlp.fc1.weight": 7}, files=["/dev/shm/x/w-3.safetensors"])
+        >>> d.replaces()
+        False
+    """
+    base: Any = None
+    drop: list = field(default_factory=list)
+    keep: dict = field(default_factory=dict)
+    restore: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+
+    def replaces(self) -> bool:
+        """A whole new model (compiled code and CUDA graphs of the old one are then of no use)."""
+        return self.base is not None
 
 
 @dataclass

@@ -16,15 +16,19 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from comfyui_xdit_hunyuan.job import Job, JobCancelled, JobError
+from comfyui_xdit_hunyuan.job import Job, JobCancelled, JobError, WeightDelta
 
 
 def weight_value(source) -> float:
     """What the fake "loads": the seed of 'random:<seed>[:preset]', or the sum of a safetensors file."""
     if source.startswith("random:"):
         return float(source.split(":")[1])
+    return sum(file_sums(source).values())
+
+
+def file_sums(path) -> dict[str, float]:
     from safetensors.torch import load_file
-    return float(sum(t.double().sum() for t in load_file(source).values()))
+    return {k: float(t.double().sum()) for k, t in load_file(path).items()}
 
 
 def step(x: torch.Tensor, sigma: float, sigma_next: float, collective: float, weight: float,
@@ -52,22 +56,38 @@ class FakeRuntime:
         self.loads_by_identity: Counter = Counter()
         self.loaded_identity: str | None = None
         self.weight = 0.0
+        self.held: dict[str, float] = {}          # per key: the sum of the tensor held
+        self.kept: dict[int, float] = {}
         self.last_source: str | None = None
 
     def stats(self) -> dict:
         return {"loads_by_identity": dict(self.loads_by_identity), "last_source": self.last_source,
+                "kept": len(self.kept),
                 "cache_env": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}}
 
     def _load(self, weights) -> None:
-        self.last_source = weights.source
-        if weights.identity == self.loaded_identity:
-            return
-        if not isinstance(weights.source, str):
-            raise JobError(f"weights '{weights.identity}' are not loaded and the source is "
-                           f"{type(weights.source).__name__}; a file path or 'random:<seed>' was expected")
-        self.weight = weight_value(weights.source)
-        self.loads += 1
-        self.loads_by_identity[weights.identity] += 1
+        """Follows the pool client's WeightDelta like RankRuntime does, on per-key sums instead of tensors: the
+        fake's weight is the sum of what it holds."""
+        delta = weights.source
+        self.last_source = delta.base if isinstance(delta, WeightDelta) else delta
+        if not isinstance(delta, WeightDelta):
+            delta = WeightDelta() if weights.identity == self.loaded_identity else WeightDelta(base=delta)
+        if delta.base is not None:
+            if not isinstance(delta.base, str):
+                raise JobError(f"weights '{weights.identity}' are not loaded and the source is "
+                               f"{type(delta.base).__name__}; a file path or 'random:<seed>' was expected")
+            self.held = {"": weight_value(delta.base)} if delta.base.startswith("random:") else file_sums(delta.base)
+            self.kept, self.loads = {}, self.loads + 1
+            self.loads_by_identity[weights.identity] += 1
+        for vid in delta.drop:
+            self.kept.pop(vid)
+        for key, vid in delta.keep.items():
+            self.kept[vid] = self.held[key]
+        for key, vid in delta.restore.items():
+            self.held[key] = self.kept[vid]
+        for path in delta.files:
+            self.held.update(file_sums(path))
+        self.weight = sum(self.held.values())
         self.loaded_identity = weights.identity
 
     def _all_reduce(self, value: float, op=dist.ReduceOp.SUM) -> float:

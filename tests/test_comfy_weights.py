@@ -71,10 +71,15 @@ def as_ksampler_runs_it(model) -> dict[str, torch.Tensor]:
         mm.unload_all_models()
 
 
+LORA = None  # set by the models fixture: the LoRA file's tensors, loaded once (as LoraLoader caches them)
+
+
 @pytest.fixture(scope="module")
 def models():
+    global LORA
+    LORA = lora()
     a, b = comfy_model(checkpoint(1234)), comfy_model(checkpoint(4321))
-    with_lora = lambda m: comfy.sd.load_lora_for_models(m, None, lora(), 0.8, 0)[0]  # noqa: E731
+    with_lora = lambda m: comfy.sd.load_lora_for_models(m, None, LORA, 0.8, 0)[0]  # noqa: E731
     cases = {
         "plain": a,
         "lora": with_lora(a),
@@ -112,3 +117,48 @@ def test_only_the_keys_comfyui_loads_are_patched(models):
     assert {f"diffusion_model.{k}" for k in NEVER_PATCHED} <= set(model.patches)
     assert not {f"diffusion_model.{k}" for k in NEVER_PATCHED} & glue.comfy_patched_keys(model)
     assert glue.PatchedStateDict(model).patched == {k[len("diffusion_model."):] for k in model.patches} - NEVER_PATCHED
+
+
+def test_a_session_of_changes_sends_only_what_changed_and_equals_fresh_runs(models, monkeypatch):
+    """MODELs as an artist's session makes them (LoRA added, strength changed, LoRA removed, another
+    checkpoint, back), through the adapter's weights and a warm pool of real CPU workers: each result equals
+    the same job run by a fresh runtime on the materialised weights; only changed tensors travel."""
+    from comfyui_xdit_hunyuan.config import PoolConfig
+    from comfyui_xdit_hunyuan.job import WeightsRef
+    from comfyui_xdit_hunyuan.plan import ParallelConfig
+    from comfyui_xdit_hunyuan import sampling
+    from comfyui_xdit_hunyuan.job import Job
+    from comfyui_xdit_hunyuan.tiny import random_cond
+    from comfyui_xdit_hunyuan.worker import PoolClient
+    from parallel_harness import run_on_mesh
+
+    arch = HunyuanDiTConfig(depth=6, hidden_size=128, num_heads=16, mlp_hidden=512)
+    ms = sampling.DiscreteVSampling.for_model(arch)
+
+    def make_job(h, w, steps):
+        lat = torch.zeros(1, 4, h, w)
+        return Job(weights=None, positive=[random_cond(arch, 1, hw=(8 * h, 8 * w))],
+                   negative=[random_cond(arch, 2, hw=(8 * h, 8 * w))], latent=lat,
+                   noise=sampling.prepare_noise(lat, 3), sigmas=sampling.calculate_sigmas(ms, "normal", steps))
+
+    a = models["plain"]
+    b = comfy_model(checkpoint(4321))
+    with_lora = lambda m, s: comfy.sd.load_lora_for_models(m, None, LORA, s, 0)[0]  # noqa: E731
+    session = [("base", a), ("lora 0.8", with_lora(a, 0.8)), ("lora 0.5", with_lora(a, 0.5)), ("removed", a),
+               ("other checkpoint", b), ("back", a), ("lora 0.8 again", with_lora(a, 0.8))]
+    n, lora_keys = len(glue.PatchedStateDict(a)), len(glue.PatchedStateDict(with_lora(a, 0.8)).patched)
+    expected = [(True, n, 0), (False, lora_keys, 0), (False, lora_keys, 0), (False, 0, lora_keys), (False, n, 0),
+                (False, 0, n), (False, 0, lora_keys)]
+    plan, counts = ParallelConfig(), []
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")        # the worker rounds as the one-thread fresh runs do
+    with PoolClient(PoolConfig(devices="cpu:1", dtype="fp32"), startup_timeout=300) as client:
+        for (name, model), want in zip(session, expected):
+            source = glue.PatchedStateDict(model)
+            job = make_job(h=8, w=8, steps=2)
+            job.weights = WeightsRef(glue.model_identity(model), source)
+            out = client.run(job, plan)
+            w = client.last_stats["weights"]
+            counts.append((w["whole"], w["sent"], w["restored"]))
+            job.weights = WeightsRef("fresh", source.materialize())
+            assert torch.equal(out, run_on_mesh(plan, [job])[0]), name
+    assert counts == expected, counts

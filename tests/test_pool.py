@@ -25,6 +25,7 @@ from tests.fake_runtime import expected_latent
 from comfyui_xdit_hunyuan.worker import PoolClient, get_pool, shutdown_all
 from comfyui_xdit_hunyuan.worker.processes import sweep_stale_dirs
 from comfyui_xdit_hunyuan.worker.protocol import HEARTBEAT_S, strip_cuda_malloc_async, worker_env
+from comfyui_xdit_hunyuan.worker.weights import Versioned
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the fault tests send POSIX signals")
 
@@ -150,9 +151,11 @@ def test_state_dict_weights_travel_as_one_private_temp_file(pool):
     paths = {r["runtime"]["last_source"] for r in pool.last_stats["ranks"]}
     assert len(paths) == 1                             # one file for every rank
     path = Path(paths.pop())
-    assert path.suffix == ".safetensors" and str(path.parent) == pool.temp_dir
+    assert path.suffix == ".safetensors" and str(path.parent) == pool.stage_dir
+    if os.path.isdir("/dev/shm"):
+        assert pool.stage_dir.startswith("/dev/shm/")  # memory-backed: staging never writes a disk
     assert not path.exists()                           # deleted once every rank had loaded it
-    assert stat.S_IMODE(os.stat(pool.temp_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(pool.stage_dir).st_mode) == 0o700
 
 
 # ---------------------------------------------------------------------- cancel and rejected jobs
@@ -425,3 +428,47 @@ def test_another_package_named_worker_does_not_shadow_the_pool(monkeypatch, tmp_
         torch.testing.assert_close(client.run(job, SERIAL), expected_latent(job, 1, 3.0),
                                    rtol=0, atol=0)
     assert PoolClient.__module__ == "comfyui_xdit_hunyuan.worker.client"
+
+
+def test_only_changed_tensors_travel_and_recent_ones_come_back_without_a_transfer(pool):
+    """A versioned state dict (as the ComfyUI adapter's): a LoRA-like change sends the changed keys only,
+    going back restores the tensors the workers kept, the same weights again send nothing; every result is
+    the one the weights give."""
+    g = torch.Generator().manual_seed(11)
+    base = {f"k{i}": torch.randn(4, generator=g) for i in range(6)}
+    lora = {k: base[k] + 1.0 for k in ("k1", "k4")}
+
+    def source(strength: float | None):
+        tensors = dict(base)
+        versions = {k: ("base", k) for k in base}
+        if strength is not None:
+            for k in lora:
+                tensors[k], versions[k] = base[k] + strength * (lora[k] - base[k]), ("lora", k, strength)
+        return Versioned(tensors, versions)
+
+    expected_counts = [  # (strength, whole, sent, restored, unchanged)
+        (None, True, 6, 0, 0), (0.5, False, 2, 0, 4), (0.8, False, 2, 0, 4), (None, False, 0, 2, 4),
+        (0.5, False, 0, 2, 4), (0.5, False, 0, 0, 6)]
+    for i, (strength, whole, sent, restored, unchanged) in enumerate(expected_counts):
+        src = source(strength)
+        job = make_job("versioned", source=src, steps=2)
+        weight = float(sum(t.double().sum() for t in src.values()))
+        torch.testing.assert_close(pool.run(job, CFG2), expected_latent(job, 2, weight), rtol=0, atol=1e-5)
+        counts = pool.last_stats["weights"]
+        assert (counts["whole"], counts["sent"], counts["restored"], counts["unchanged"]) == \
+            (whole, sent, restored, unchanged), (i, counts)
+    assert all(r["runtime"]["kept"] == 6 for r in pool.last_stats["ranks"])   # base, 0.5 and 0.8 of k1, k4
+
+
+def test_kept_tensors_stay_within_their_budget():
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"k{i}": torch.randn(1024, generator=g) for i in range(4)}        # 4 KiB each in float32
+    budget = PoolConfig(devices="cpu:1", keep_weights_gib=6 * 1024 / (1 << 30))  # room for one kept tensor
+    with PoolClient(budget, runtime=FAKE, startup_timeout=120) as client:
+        for version in range(4):
+            changed = dict(tensors, k0=tensors["k0"] + version)
+            job = make_job("budget", source=Versioned(changed, {**{k: 0 for k in tensors}, "k0": version}))
+            client.run(job, SERIAL)
+            assert client.last_stats["ranks"][0]["runtime"]["kept"] <= 1
+        client.run(make_job("budget", source=Versioned(tensors, {k: 0 for k in tensors})), SERIAL)
+        assert client.last_stats["weights"]["sent"] == 1        # version 0 of k0 was dropped: sent again

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -38,7 +37,8 @@ from ..config import PoolConfig, parse_devices
 from ..plan import ParallelConfig, PlanError
 
 from . import protocol as P
-from .processes import DIR_PREFIX, describe_exit, kill_group, own_process_group, spawn, sweep_stale_dirs
+from .processes import describe_exit, kill_group, own_process_group, private_dir, spawn, sweep_stale_dirs
+from .weights import HeldWeights
 
 WORKER_MODULE = __package__ + ".main"     # run as `python -m`: the pack's own modules, never another `worker`
 POLL_S = 0.05            # how often run() looks at cancel(), exits and heartbeats
@@ -94,11 +94,12 @@ class PoolClient:
         self._workers: list[_Worker] = []
         self._devices: list[str] | None = None
         self._tmp: str | None = None
+        self._stage_dir: str | None = None   # staged weights: memory-backed (/dev/shm) where there is one
         self._listener = None
         self._accept_stop = threading.Event()
         self._accept_thread: threading.Thread | None = None
         self._accepted: queue.Queue = queue.Queue()
-        self._loaded_identity: str | None = None
+        self._weights = HeldWeights(keep_bytes=int(config.keep_weights_gib * (1 << 30)), itemsize=self._itemsize())
         self._model_configs: dict = {}       # weights identity -> HunyuanDiTConfig (for job checks)
         self._job_id = 0
         self._lock = threading.RLock()
@@ -117,6 +118,13 @@ class PoolClient:
     @property
     def devices(self) -> list[str]:
         return list(self._devices) if self._devices is not None else parse_devices(self.config.devices)
+
+    def _itemsize(self) -> int:
+        """Bytes per weight element in the workers (what their kept tensors cost)."""
+        dtype = self.config.dtype
+        if dtype == "auto":
+            dtype = "bf16" if any(d.startswith("cuda") for d in self.devices) else "fp32"
+        return 4 if dtype == "fp32" else 2
 
     @property
     def _compiles(self) -> bool:
@@ -140,6 +148,11 @@ class PoolClient:
     def temp_dir(self) -> str | None:
         return self._tmp
 
+    @property
+    def stage_dir(self) -> str | None:
+        """Where weights for the workers are staged (memory-backed /dev/shm where there is one)."""
+        return self._stage_dir
+
     def __enter__(self) -> "PoolClient":
         return self.start()
 
@@ -152,23 +165,35 @@ class PoolClient:
         with self._lock:
             if self.alive:
                 return self
-            self._teardown()
-            self._devices = parse_devices(self.config.devices)
-            try:
-                self._spawn(self._devices)
-                self._wait_ready()
-            except BaseException:
-                self._teardown()
-                raise
-            self._close_listener()
-            self.log.info("xDiT pool ready: %d worker(s) on %s, pids %s", len(self._workers),
-                          ", ".join(self._devices), self.pids)
+            self._begin_start()
+            self._finish_start()
             return self
+
+    def _begin_start(self) -> None:
+        """Launch the workers without waiting for them (the caller may prepare the job meanwhile)."""
+        self._teardown()
+        self._devices = parse_devices(self.config.devices)
+        try:
+            self._spawn(self._devices)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _finish_start(self) -> None:
+        """Wait until every worker launched by _begin_start is ready."""
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._teardown()
+            raise
+        self._close_listener()
+        self.log.info("xDiT pool ready: %d worker(s) on %s, pids %s", len(self._workers),
+                      ", ".join(self._devices), self.pids)
 
     def _spawn(self, devices: list[str]) -> None:
         sweep_stale_dirs()
-        self._tmp = tempfile.mkdtemp(prefix=DIR_PREFIX)            # private: mode 0700
-        Path(self._tmp, "owner").write_text(str(os.getpid()))
+        self._tmp = private_dir()                                  # private: mode 0700
+        self._stage_dir = private_dir(memory=True)
         authkey = os.urandom(P.AUTHKEY_BYTES)
         self._listener = P.control_listener(self._tmp, authkey)
         family, address = P.format_address(self._listener)
@@ -313,22 +338,30 @@ class PoolClient:
                 self.log.warning(warning)
         checked = time.time()
         with self._lock:
-            if not self._idle_and_healthy():
-                self._teardown()
-                self.start()
-            if plan.world_size != len(self._workers):
+            if plan.world_size != len(self.devices):
                 raise PlanError(f"the plan's degrees multiply to {plan.world_size} but the pool has "
-                                f"{len(self._workers)} worker(s) on {', '.join(self._devices)}; resolve the "
+                                f"{len(self.devices)} worker(s) on {', '.join(self.devices)}; resolve the "
                                 f"plan for this pool's devices")
+            starting = not self._idle_and_healthy()
+            if starting:                      # the workers start while the weights are staged
+                self._begin_start()
             self._job_id += 1
-            wire, staged = self._wire_job(job)
-            self._wall = {"submitted": submitted, "checked": checked, "answers": {}}
+            staged: list[Path] = []
             try:
+                wire = self._wire_job(job, staged)
+                if starting:
+                    self._finish_start()
+                self._wall = {"submitted": submitted, "checked": checked, "answers": {}}
                 return self._run(self._job_id, wire, plan, staged, on_progress, cancel)
+            except BaseException:
+                if starting and not self.alive:
+                    self._teardown()
+                raise
             finally:
-                _remove(staged)
+                for path in staged:
+                    _remove(path)
 
-    def _run(self, job_id: int, job: Job, plan: ParallelConfig, staged: Path | None,
+    def _run(self, job_id: int, job: Job, plan: ParallelConfig, staged: list[Path],
              on_progress: ProgressFn | None, cancel: Callable[[], bool] | None) -> torch.Tensor:
         outcome: dict[int, dict] = {}
         loaded: set[int] = set()
@@ -364,7 +397,8 @@ class PoolClient:
                     elif kind == P.LOADED:
                         loaded.add(w.rank)
                         if len(loaded) == len(self._workers):
-                            _remove(staged)
+                            for path in staged:         # every rank read them
+                                _remove(path)
                     elif kind in P.TERMINAL:
                         self._wall["answers"][w.rank] = time.time()
                         if kind == P.ERROR and msg.get("kind") != P.ERROR_JOB:
@@ -399,6 +433,10 @@ class PoolClient:
         except BaseException:
             self._teardown()          # interrupted mid-job: the workers' state is unknown
             raise
+        if len(loaded) == len(self._workers):
+            self._weights.commit()    # every rank holds this job's weights (also when it was cancelled later)
+        else:
+            self._weights.forget()
         self._record(job, outcome, time.perf_counter() - t0)
         if interrupt is not None:
             raise interrupt
@@ -408,13 +446,8 @@ class PoolClient:
         ranks = [outcome[r].get("stats", {}) for r in sorted(outcome)]
         steps = next((s["step_seconds"] for s in ranks if s.get("step_seconds")), [])   # the reporting rank
         self.last_stats = {"loads": ranks[0].get("loads"), "step_seconds": steps,
-                           "job_seconds": seconds, "ranks": ranks, "overhead": self._overhead(ranks)}
-        if all("identity" in s for s in ranks):
-            ids = {s["identity"] for s in ranks}
-            self._loaded_identity = ids.pop() if len(ids) == 1 else None
-        else:
-            done = all(m["type"] == P.DONE for m in outcome.values())
-            self._loaded_identity = job.weights.identity if done else None
+                           "job_seconds": seconds, "ranks": ranks, "overhead": self._overhead(ranks),
+                           "weights": dict(self._weights.counts)}
 
     def _overhead(self, ranks: list[dict]) -> dict | None:
         """Where a job's time beyond the ranks' own work went (seconds): the job's checks and its wiring
@@ -462,49 +495,38 @@ class PoolClient:
             return []
         return checks.validate_job(job, plan, cfg)
 
-    def _wire_job(self, job: Job) -> tuple[Job, Path | None]:
-        """The job as sent: weights already loaded travel as identity only; an in-memory state dict is
-        written once to a private safetensors file that every rank reads."""
+    def _wire_job(self, job: Job, staged: list[Path]) -> Job:
+        """The job as sent: its weights as the transfer the workers need (worker/weights.py); the files staged
+        for it are appended to `staged`."""
         ref = job.weights
         if not isinstance(ref, WeightsRef):
             raise JobError(f"job.weights must be a WeightsRef(identity, source), got {type(ref).__name__}")
-        source, staged = ref.source, None
-        if self._loaded_identity is not None and ref.identity == self._loaded_identity:
-            source = None
-        elif isinstance(source, Mapping):
-            staged = self._stage_state_dict(source)
-            source = str(staged)
-        elif isinstance(source, (str, os.PathLike)):
-            source = os.fspath(source)
-        elif source is None:
-            raise JobError(f"the weights '{ref.identity}' are not loaded in the pool and the job gives no "
-                           f"source; pass a file path, a state dict or 'random:<seed>:<preset>'")
-        else:
-            raise JobError(f"a weights source of type {type(source).__name__} is not supported; pass a file "
-                           f"path, a state dict of tensors or 'random:<seed>:<preset>'")
-        return replace(job, weights=WeightsRef(ref.identity, source)), staged
 
-    def _stage_state_dict(self, state_dict: Mapping) -> Path:
+        def stage(tensors) -> str:
+            path = self._stage(tensors)
+            staged.append(path)
+            return str(path)
+        return replace(job, weights=WeightsRef(ref.identity, self._weights.plan(ref, stage)))
+
+    def _stage(self, tensors: Mapping[str, torch.Tensor]) -> Path:
+        """One private safetensors file of `tensors` (CPU copies) that every rank reads."""
         from safetensors.torch import save_file
 
-        tensors, storages = {}, set()
-        for name, value in state_dict.items():
-            if not isinstance(value, torch.Tensor):
-                raise JobError(f"the weights state dict entry '{name}' is a {type(value).__name__}, not a "
-                               f"tensor; pass only tensors")
+        out, storages = {}, set()
+        for name, value in tensors.items():
             t = value.detach().to("cpu").contiguous()
             ptr = t.untyped_storage().data_ptr()
             if t.numel() and ptr in storages:
                 t = t.clone()         # safetensors refuses tensors that share memory
             storages.add(ptr)
-            tensors[str(name)] = t
-        path = Path(self._tmp, f"weights-{self._job_id}.safetensors")
+            out[name] = t
+        path = Path(self._stage_dir, f"weights-{self._job_id}-{len(os.listdir(self._stage_dir))}.safetensors")
         try:
-            save_file(tensors, str(path))
+            save_file(out, str(path))
         except OSError as e:
             _remove(path)
-            raise PoolError(f"could not write the model weights for the workers to {path}: {e}; free disk "
-                            f"space there or point TMPDIR to a larger disk") from e
+            raise PoolError(f"could not write the model weights for the workers to {path}: {e}; free space there "
+                            f"(or, for a disk folder, point TMPDIR to a larger disk)") from e
         os.chmod(path, 0o600)
         return path
 
@@ -706,10 +728,11 @@ class PoolClient:
             if w.conn is not None:
                 w.conn.close()
         self._workers = []
-        self._loaded_identity = None
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        self._weights.forget()
+        for folder in (self._tmp, self._stage_dir):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._tmp = self._stage_dir = None
 
 
 def _remove(path: Path | None) -> None:

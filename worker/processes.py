@@ -13,6 +13,19 @@ from concurrent.futures import Future
 from pathlib import Path
 
 DIR_PREFIX = "xdit-pool-"
+SHM = "/dev/shm"                 # memory-backed files (Linux): staged weights never touch a disk
+
+
+def _memory_root() -> str | None:
+    return SHM if os.path.isdir(SHM) and os.access(SHM, os.W_OK | os.X_OK) else None
+
+
+def private_dir(memory: bool = False) -> str:
+    """A new folder only this user can enter (mode 0700), marked with this process's pid so that a later pool
+    can remove it if this process dies without doing so. memory: in /dev/shm where there is one."""
+    folder = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=_memory_root() if memory else None)
+    Path(folder, "owner").write_text(str(os.getpid()))
+    return folder
 
 
 class _Spawner:
@@ -84,12 +97,14 @@ def describe_exit(code: int | None) -> str:
 
 
 def sweep_stale_dirs(root: str | None = None) -> list[str]:
-    """Remove the folders of pools whose client process is gone: a client killed outright (SIGKILL)
-    cannot delete its own. POSIX only (on Windows os.kill would terminate the process it asks about)."""
+    """Remove the folders of pools whose client process is gone (in `root`, default the temporary folder and
+    /dev/shm): a client killed outright (SIGKILL) cannot delete its own. POSIX only (on Windows os.kill
+    would terminate the process it asks about)."""
     removed = []
     if os.name != "posix":
         return removed
-    for folder in Path(root or tempfile.gettempdir()).glob(DIR_PREFIX + "*"):
+    roots = [root] if root else [tempfile.gettempdir(), *filter(None, [_memory_root()])]
+    for folder in (f for r in roots for f in Path(r).glob(DIR_PREFIX + "*")):
         try:
             owner = int((folder / "owner").read_text())
             os.kill(owner, 0)

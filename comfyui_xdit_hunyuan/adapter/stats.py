@@ -5,8 +5,8 @@ from collections.abc import Mapping
 
 
 def format_pool_stats(stats: Mapping) -> str:
-    """One log line from PoolClient.last_stats: time per step, weight loads, and each rank's GPU memory
-    (allocated / reserved / peak; resident memory for CPU ranks)."""
+    """One log line from PoolClient.last_stats: time per step, weight loads, what the weights' transfer
+    sent, and each rank's GPU memory (allocated / reserved / peak; resident memory for CPU ranks)."""
     if not isinstance(stats, Mapping) or not stats:
         return "no statistics"
     parts = []
@@ -17,6 +17,11 @@ def format_pool_stats(stats: Mapping) -> str:
         parts.append(f"{len(steps)} steps, {sum(steps) / len(steps):.3f} s/step")
     if stats.get("loads") is not None:
         parts.append(f"weight loads {stats['loads']}")
+    w = stats.get("weights")
+    if isinstance(w, Mapping) and w:
+        parts.append(f"weights {'loaded whole' if w.get('whole') else 'updated'}: {w.get('sent', 0)} tensors sent "
+                     f"({_gib(w.get('sent_bytes', 0))}), {w.get('restored', 0)} restored, "
+                     f"{w.get('unchanged', 0)} unchanged")
     for i, r in enumerate(stats.get("ranks") or []):
         if not isinstance(r, Mapping):
             continue

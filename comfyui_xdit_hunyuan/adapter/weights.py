@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 import weakref
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 import torch
 
@@ -14,15 +14,55 @@ _BASE_IDS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 PREFIX = "diffusion_model."
 
 
+class _Same:
+    """An object by identity while it lives: equal only to a token of the same living object (a tensor also in
+    the same in-place version); a dead one equals nothing, so an id reused by a new object never matches."""
+    __slots__ = ("_ref", "_id", "_ver")
+
+    def __init__(self, obj):
+        try:
+            self._ref = weakref.ref(obj)
+        except TypeError:                      # not weak-referenceable: held (a small object of a patch)
+            self._ref = lambda obj=obj: obj
+        self._id, self._ver = id(obj), getattr(obj, "_version", None)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, _Same) or (self._id, self._ver) != (other._id, other._ver):
+            return False
+        mine = self._ref()
+        return mine is not None and mine is other._ref()
+
+    def __hash__(self) -> int:
+        return hash((self._id, self._ver))
+
+
+def signature(obj) -> Hashable:
+    """A comparable description of a ComfyUI patch list (strengths, offsets, adapters, tensors)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return tuple(signature(x) for x in obj)
+    if isinstance(obj, (set, frozenset)) and all(isinstance(x, str) for x in obj):
+        return frozenset(obj)
+    weights = getattr(obj, "weights", None)
+    if isinstance(weights, (tuple, list)):      # a comfy.weight_adapter (LoRA, LoHa, ...): its tensors decide
+        return (type(obj).__qualname__, signature(weights), signature(getattr(obj, "loaded_keys", None)))
+    return _Same(obj)                           # a tensor, a function, anything else: by identity
+
+
+def base_id(base) -> str:
+    """One id per loaded base model object (held weakly)."""
+    bid = _BASE_IDS.get(base)
+    if bid is None:
+        bid = _BASE_IDS[base] = uuid.uuid4().hex
+    return bid
+
+
 def model_identity(model) -> str:
     """A cheap identity of the MODEL's diffusion-model weights with patches: the underlying base model
     object (one id per loaded checkpoint, held weakly) plus ComfyUI's patches_uuid, which changes whenever
     patches are added (and is shared by clones with the same patches)."""
-    base = model.model
-    bid = _BASE_IDS.get(base)
-    if bid is None:
-        bid = _BASE_IDS[base] = uuid.uuid4().hex
-    ident = f"comfy:{bid}"
+    ident = f"comfy:{base_id(model.model)}"
     if getattr(model, "patches", None):
         ident += f":patches:{model.patches_uuid}"
     return ident
@@ -101,6 +141,18 @@ class PatchedStateDict(Mapping):
         # its converted value: the workers get that value in float32 and cast it to their dtype
         stored = set_func(temp, seed=seed, return_weight=True)
         return convert_func(stored.to(torch.float32), inplace=True) if convert_func is not None else stored
+
+    def version(self, name: str) -> Hashable:
+        """Which tensor `self[name]` is, cheaply (no tensor math): equal versions mean equal tensors, so the
+        pool sends only keys whose version the workers do not hold. A stored key is its base model's; a
+        patched key adds its patches: their numbers, and their tensors by identity and in-place version."""
+        if name not in self._key_set:
+            raise KeyError(name)
+        base = base_id(self._model.model)
+        full = PREFIX + name
+        if full not in self._patched:
+            return ("stored", base, name)
+        return ("patched", base, name, signature(self._model.patches[full]))
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return {k: self[k].to("cpu") for k in self._keys}

@@ -7,8 +7,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
-from ..job import Job, JobError
+from ..job import Job, JobError, WeightDelta
 from ..model import ComputeOptions, HunyuanDiT, kernels
 from ..model.attention import resolve_backend
 from ..config import PoolConfig
@@ -53,6 +54,7 @@ class RankRuntime:
         self.dtype = resolve_dtype(pool.dtype, self.device)
         self.model: HunyuanDiT | None = None
         self.identity: str | None = None
+        self.kept: dict[int, torch.Tensor] = {}     # replaced weight tensors kept aside, by the client's ids
         self.loads = 0                              # real weight loads (tests assert reuse)
         self.meshes: dict[tuple, object] = {}
         self.last_setup_phases: dict = {}              # host time of the last job before its first step
@@ -68,23 +70,61 @@ class RankRuntime:
         return self.identity
 
     def ensure_weights(self, ref) -> bool:
-        """Load `ref` unless its identity is the one loaded. True when weights were loaded."""
-        if ref.identity == self.identity and self.model is not None:
-            return False
-        if ref.source is None:
+        """Make the held weights `ref`'s. The pool client sends a WeightDelta (job.py); a plain source (a path,
+        "random:...", a state dict: in-process callers) is loaded whole unless its identity is the one held.
+        True when the weights changed."""
+        delta = ref.source
+        if not isinstance(delta, WeightDelta):
+            held = ref.identity == self.identity and self.model is not None
+            delta = WeightDelta() if held else WeightDelta(base=ref.source)
+        if delta.base is None and self.model is None:
             raise JobError("the workers do not hold these weights and none were sent; submit the job again")
-        self.model = None                           # free the old weights first
+        if delta.base is not None:
+            self._load_whole(delta.base)
+        changed = self._apply(delta)
+        self.identity = ref.identity
+        return delta.base is not None or changed
+
+    def _load_whole(self, source) -> None:
+        if source is None:
+            raise JobError("the workers do not hold these weights and none were sent; submit the job again")
+        self.model, self.kept = None, {}            # free the old weights first
         if self.graphs is not None:
-            self.graphs.clear()
+            self.graphs.clear()                     # they read the old weights' memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.model = build_weights(ref.source, dtype=self.dtype, device=self.device)
+        self.model = build_weights(source, dtype=self.dtype, device=self.device)
         self.model.configure(self.compute_options())
         if self.pool.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager
             self.model.compile_blocks(self.pool.compile_mode)
-        self.identity = ref.identity
         self.loads += 1
-        return True
+
+    @torch.no_grad()
+    def _apply(self, delta: WeightDelta) -> bool:
+        """The delta's in-place changes to the held weights (see WeightDelta for the order)."""
+        for vid in delta.drop:
+            self.kept.pop(vid, None)
+        params = dict(self.model.named_parameters())
+        unknown = [k for k in (*delta.keep, *delta.restore) if k not in params]
+        if unknown:
+            raise JobError(f"the weights name tensors this model does not have: {', '.join(unknown[:5])}")
+        for key, vid in delta.keep.items():
+            self.kept[vid] = params[key].detach().clone()
+        for key, vid in delta.restore.items():
+            if vid not in self.kept:
+                raise RuntimeError(f"the pool client restores weight '{key}' from kept tensor {vid}, which this "
+                                   f"rank does not hold (client and worker records disagree)")
+            params[key].copy_(self.kept[vid])
+        for path in delta.files:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    if key not in params:
+                        raise JobError(f"the weights name a tensor this model does not have: '{key}'")
+                    params[key].copy_(f.get_tensor(key))
+        changed = bool(delta.restore or delta.files)
+        if changed:
+            self.model.refresh_derived()
+        return changed
 
     def compute_options(self) -> ComputeOptions:
         """How this rank's model computes, from the pool's config and the device."""
@@ -111,8 +151,8 @@ class RankRuntime:
         first rank). Cancellation is agreed by all ranks at the same step (JobCancelled everywhere).
         Returns the final LATENT samples (CPU float32) on rank 0, None elsewhere.
         """
-        if self.ensure_weights(job.weights):
-            report({"type": "loaded", "identity": self.identity})
+        self.ensure_weights(job.weights)
+        report({"type": "loaded", "identity": self.identity})     # every job: the client's record follows it
         mesh = self.mesh_for(plan)
         # self-attention runs inside the compiled block graphs only without sequence parallelism / PipeFusion
         in_graph = self.pool.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
@@ -130,4 +170,5 @@ class RankRuntime:
         graphs = None if g is None else {"entries": len(g.entries), "captures": g.captures, "failures": g.failures}
         phases = self.last_setup_phases
         return {"setup_seconds": sum(phases.values()) if phases else None, "setup_phases": phases,
-                "cuda_graphs": graphs, "cpu_threads": torch.get_num_threads()}
+                "cuda_graphs": graphs, "cpu_threads": torch.get_num_threads(), "kept_tensors": len(self.kept),
+                "kept_bytes": sum(t.numel() * t.element_size() for t in self.kept.values())}
