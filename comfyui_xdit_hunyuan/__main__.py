@@ -1,4 +1,4 @@
-"""`python -m comfyui_xdit_hunyuan demo|generate ...`: see comfyui_xdit_hunyuan/cli.py."""
+"""`python -m comfyui_xdit_hunyuan demo|generate|bench ...`: see comfyui_xdit_hunyuan/cli/."""
 import sys
 
 from comfyui_xdit_hunyuan.cli import main

@@ -25,9 +25,12 @@ from .config import PoolConfig, env_overrides, parse_devices
 from .plan import AUTO_TABLE, ParallelConfig
 from .tiny import preset as model_preset, random_cond
 
+GUIDANCE = 5.0          # the classifier-free guidance scale of every measured job (KSampler's cfg)
+
 
 def degree_configs(n: int, num_heads: int = 16, depth: int = 40) -> list[dict]:
-    """Every (cfg, pipefusion, ring, ulysses) with product n that the engine accepts, most useful first."""
+    """Every degree set (cfg_degree, pipefusion_degree, ring_degree, ulysses_degree) with product n that the
+    engine accepts for a model of `num_heads` heads and `depth` blocks, most useful first."""
     out = []
     for c, pp, r, u in itertools.product((1, 2), (1, 2, 4, 8), range(1, n + 1), (1, 2, 4, 8, 16)):
         if c * pp * r * u != n or num_heads % u or pp > depth // 2:
@@ -42,14 +45,15 @@ def config_name(d: dict) -> str:
     return "x".join(parts) or "serial"
 
 
-def bench_job(cfg, pixels: int, steps: int, seed: int, weights: WeightsRef) -> Job:
+def bench_job(arch, pixels: int, steps: int, seed: int, weights: WeightsRef) -> Job:
+    """The measured job for a model of architecture `arch` (model.HunyuanDiTConfig): a pixels² image."""
     from . import sampling
-    ms = sampling.DiscreteVSampling.for_model(cfg)
-    lat = torch.zeros(1, 4, pixels // 8, pixels // 8)
+    ms = sampling.DiscreteVSampling.for_model(arch)
+    lat = torch.zeros(1, arch.in_channels, pixels // 8, pixels // 8)
     hw = (pixels, pixels)
-    return Job(weights=weights, positive=[random_cond(cfg, 1, hw=hw)], negative=[random_cond(cfg, 2, hw=hw)],
+    return Job(weights=weights, positive=[random_cond(arch, 1, hw=hw)], negative=[random_cond(arch, 2, hw=hw)],
                latent=lat, noise=sampling.prepare_noise(lat, seed),
-               sigmas=sampling.calculate_sigmas(ms, "normal", steps), sampler="euler", cfg=5.0, seed=seed)
+               sigmas=sampling.calculate_sigmas(ms, "normal", steps), sampler="euler", cfg=GUIDANCE, seed=seed)
 
 
 def measure(client, job: Job, plan: ParallelConfig, repeats: int) -> dict:
@@ -69,7 +73,7 @@ def run_bench(args) -> dict:
     counts = [int(x) for x in args.gpus.split(",")] if args.gpus else sorted({1, 2, 4, 8, len(devices)} & set(range(1, len(devices) + 1)))
     sizes = [int(s) for s in args.sizes.split(",")]
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    cfg = model_preset(args.preset)
+    arch = model_preset(args.preset)
     weights = WeightsRef(f"{args.ckpt or 'random:0:' + args.preset}", args.ckpt or f"random:0:{args.preset}")
     wanted = set(args.configs.split(",")) if args.configs else None
     results, reference = [], {}
@@ -88,15 +92,15 @@ def run_bench(args) -> dict:
                 print(f"  {n} devices: pool failed to start: {e}")
                 continue
             try:
-                for i_deg, deg in enumerate(degree_configs(n, cfg.num_heads, cfg.depth)):
+                for i_deg, deg in enumerate(degree_configs(n, arch.num_heads, arch.depth)):
                     name = config_name(deg)
                     if wanted and name not in wanted:
                         continue
                     config = ParallelConfig(strategy="manual", **deg)
                     for i_size, px in enumerate(sizes):
-                        job = bench_job(cfg, px, args.steps, args.seed, weights)
+                        job = bench_job(arch, px, args.steps, args.seed, weights)
                         warm = job if args.warmup_job_steps <= 0 else \
-                            bench_job(cfg, px, args.warmup_job_steps, args.seed, weights)
+                            bench_job(arch, px, args.warmup_job_steps, args.seed, weights)
                         first = None
                         try:
                             t0 = time.perf_counter()
@@ -150,7 +154,7 @@ def _device_name(devices: list[str]) -> str:
 
 
 def best_table(report: dict) -> dict:
-    """Fastest configuration per (device count, resolution bucket, cfg) for plan.auto_degrees."""
+    """Fastest configuration per (device count, resolution bucket, with guidance: "cfg") for plan.auto_degrees."""
     best: dict[str, tuple[float, dict]] = {}
     for r in report["results"]:
         res = "2048" if r["pixels"] >= 1536 else "1024"

@@ -94,14 +94,14 @@ def validate_job(job: Job, plan: ParallelConfig, cfg: HunyuanDiTConfig) -> list:
     _finite(lat, "the latent")
     _finite(noise, "the noise")
     if not isinstance(sig, torch.Tensor) or sig.ndim != 1 or len(sig) < 2:
-        raise JobError(f"sigmas must list steps + 1 noise levels (at least 2); got "
-                       f"{tuple(getattr(sig, 'shape', ()))}: use steps >= 1 and denoise > 0")
+        raise JobError("sigmas must list {steps} + 1 noise levels (at least 2); got {shape}: use {steps} >= 1 "
+                       "and {denoise} > 0", field="steps", shape=tuple(getattr(sig, "shape", ())))
     _finite(sig, "sigmas")
     if bool((sig < 0).any()) or bool((sig[1:] > sig[:-1]).any()):
         raise JobError("sigmas must be >= 0 and non-increasing (a schedule from high noise to low)")
     if job.sampler not in sampling.SAMPLERS:
-        raise JobError(f"sampler '{job.sampler}' is not supported by the workers; use one of "
-                       f"{', '.join(sampling.SAMPLERS)}")
+        raise JobError("{sampler} '{value}' is not supported by the workers; use one of {choices}", field="sampler",
+                       value=job.sampler, choices=", ".join(sampling.SAMPLERS))
     try:
         needed = sampling.noise_steps(job.sampler, sig, job.sampler_options)
     except ValueError as e:
@@ -112,13 +112,13 @@ def validate_job(job: Job, plan: ParallelConfig, cfg: HunyuanDiTConfig) -> list:
             if not isinstance(n, torch.Tensor) or n.shape != lat.shape:
                 raise JobError(f"step_noises[{i}] must be a tensor of the latent's shape {tuple(lat.shape)}")
     if not math.isfinite(job.cfg):
-        raise JobError(f"cfg {job.cfg} is not a finite number")
+        raise JobError("{cfg} {value} is not a finite number", field="cfg", value=job.cfg)
     batch = lat.shape[0]
     if not job.positive:
         raise JobError("the positive conditioning is empty; connect a CLIPTextEncode")
     if job.uses_uncond() and not job.negative:
-        raise JobError("the negative conditioning is empty but cfg != 1 needs it; connect a CLIPTextEncode "
-                       "(an empty prompt is fine)")
+        raise JobError("the negative conditioning is empty but {cfg} != 1 needs it; connect a CLIPTextEncode "
+                       "(an empty prompt is fine)", field="negative")
     for which, entries in (("positive", job.positive), ("negative", job.negative)):
         check_conditioning(entries, which, cfg, batch)
     warnings = check_job(plan, steps=len(sig) - 1, latent_hw=tuple(lat.shape[2:]), cfg_scale=job.cfg,

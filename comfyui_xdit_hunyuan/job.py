@@ -9,11 +9,28 @@ from typing import Any
 
 import torch
 
+from .plan import Message
+
 COND_KEYS = ("context", "text_embedding_mask", "encoder_hidden_states_t5", "text_embedding_mask_t5")
 
 
-class JobError(ValueError):
-    """A job that cannot run as given; the message says what to change."""
+class JobError(Message, ValueError):
+    """A job that cannot run as given; the message says what to change. Like plan.PlanError, one about an
+    input names it (`field`) and writes inputs as {placeholders}, so a front end words it as its own inputs
+    (render); a message given alone is a plain sentence, its braces literal.
+
+    >>> e = JobError("{cfg} {value} is not a finite number", field="cfg", value=float("nan"))
+    >>> str(e), e.render({"cfg": "--cfg"}), str(JobError("a {literal} brace"))
+    ('cfg nan is not a finite number', '--cfg nan is not a finite number', 'a {literal} brace')
+    """
+
+    def __init__(self, message: str, field: str | None = None, **values):
+        if field is None and not values:
+            message = message.replace("{", "{{").replace("}", "}}")
+        Message.__init__(self, message, field, **values)
+        ValueError.__init__(self, self.render())
+
+    __str__ = Message.__str__
 
 
 @dataclass

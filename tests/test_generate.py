@@ -18,7 +18,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 pytest.importorskip("tokenizers")
 
-from comfyui_xdit_hunyuan import cli, sampling  # noqa: E402
+from comfyui_xdit_hunyuan import cli, sampling, text_vae  # noqa: E402
+from comfyui_xdit_hunyuan.cli import session  # noqa: E402
 from comfyui_xdit_hunyuan.model.loading import load_model, save_checkpoint  # noqa: E402
 from comfyui_xdit_hunyuan.tiny import preset, random_model  # noqa: E402
 
@@ -74,7 +75,7 @@ def generate(model_dir: Path, out: Path, capsys) -> tuple[int, str]:
     """The command, in this process (transformers and diffusers are imported once for the module)."""
     code = cli.main(["generate", "--model-dir", str(model_dir), "--prompt", PROMPT, "--negative", NEGATIVE,
                      "--devices", "cpu:1", "--steps", str(STEPS), "--size", str(SIZE), "--seed", str(SEED),
-                     "--guidance", str(GUIDANCE), "--out", str(out)])
+                     "--cfg", str(GUIDANCE), "--out", str(out)])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -149,7 +150,7 @@ def test_generate_writes_the_image_the_model_gives_deterministically(model_dir, 
 
 def test_encode_prompts_follows_the_pipeline(model_dir):
     cfg = preset("tiny")
-    pos, neg = cli.encode_prompts(model_dir, PROMPT, NEGATIVE, cfg, (SIZE, SIZE), "cpu")
+    pos, neg = text_vae.encode_prompts(model_dir, PROMPT, NEGATIVE, cfg, (SIZE, SIZE), "cpu")
     ref = encode(model_dir, PROMPT, cfg)
     for key, want in ref.items():
         assert torch.equal(getattr(pos, key), want), key
@@ -163,7 +164,7 @@ def test_encode_prompts_follows_the_pipeline(model_dir):
 
 def test_size_conditioned_model_gets_image_meta_size(model_dir):
     cfg = preset("tiny-v1.1")
-    pos, neg = cli.encode_prompts(model_dir, PROMPT, "", cfg, (48, 64), "cpu")
+    pos, neg = text_vae.encode_prompts(model_dir, PROMPT, "", cfg, (48, 64), "cpu")
     for entry in (pos, neg):
         assert entry.image_meta_size.tolist() == [[48.0, 64.0, 48.0, 64.0, 0.0, 0.0]]
 
@@ -171,7 +172,7 @@ def test_size_conditioned_model_gets_image_meta_size(model_dir):
 def test_bad_model_dirs_are_rejected_before_workers_start(model_dir, tmp_path, capsys, monkeypatch):
     def no_pool():
         raise AssertionError("a worker pool was requested for a bad input")
-    monkeypatch.setattr(cli, "pool_module", no_pool)
+    monkeypatch.setattr(session, "pool_module", no_pool)
 
     def run(*args):
         code = cli.main(["generate", "--prompt", "x", "--devices", "cpu:1", "--out", str(tmp_path / "o"), *args])
@@ -185,3 +186,18 @@ def test_bad_model_dirs_are_rejected_before_workers_start(model_dir, tmp_path, c
     assert code == 2 and "lacks text_encoder/" in err and "vae/" in err
     code, err = run("--model-dir", str(model_dir), "--size", "60")
     assert code == 2 and "multiple of 8" in err
+
+
+def test_a_damaged_part_is_named_with_what_to_do(model_dir, tmp_path, capsys, monkeypatch):
+    """A part that fails to load once the workers have started: exit 2 naming the part, the pool closed."""
+    import shutil
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    (broken / "text_encoder" / "model.safetensors").write_bytes(b"not a safetensors file")
+    code = cli.main(["generate", "--model-dir", str(broken), "--prompt", "x", "--devices", "cpu:1", "--steps", "1",
+                     "--size", str(SIZE), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"--model-dir {broken}: {broken / 'text_encoder'}: the BERT text encoder cannot be loaded" in err
+    assert "re-download it" in err
