@@ -11,6 +11,7 @@ whoever builds the config in the parent process, never inside the workers:
     XDIT_HUNYUAN_FUSED_KERNELS=0|1        fused_kernels "off" / "on" (on: also CPU workers, under Triton's
                                           interpreter; tests)
     XDIT_HUNYUAN_COMPILE_MODE=MODE        compile_mode (torch.compile's mode)
+    XDIT_HUNYUAN_COMPILE_ANY_SIZE=0|1     compile_any_size
     XDIT_HUNYUAN_AUTO_TABLE=PATH          auto_table (the measured table of the auto strategy)
     XDIT_HUNYUAN_CACHE_DIR=PATH           cache_dir (the workers' compile caches)
 
@@ -41,6 +42,8 @@ class PoolConfig:
     attention: str = "auto"          # attention kernel (model.attention.BACKENDS)
     compile: bool = True             # regional torch.compile in GPU workers (CPU workers run eager)
     compile_mode: str | None = None  # torch.compile's mode (None: its default)
+    compile_any_size: bool = True    # compiled code takes any image size (the token count symbolic): a new
+                                     # size runs at once instead of compiling again
     cuda_graphs: str = "all"         # GPU: replay model calls from CUDA graphs; "local": not where they
                                      # communicate (Ulysses / Ring); "off"
     fused_kernels: str = "auto"      # the Triton kernels of model/kernels.py: "auto" on GPUs, "on", "off"
@@ -82,6 +85,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict:
     if graphs is not None:
         g = graphs.strip().lower()
         out["cuda_graphs"] = "off" if g in _OFF else "local" if g == "local" else "all"
+    any_size = environ.get(ENV_PREFIX + "COMPILE_ANY_SIZE")
+    if any_size is not None:
+        out["compile_any_size"] = any_size.strip().lower() not in _OFF
     kernels = environ.get(ENV_PREFIX + "FUSED_KERNELS")
     if kernels is not None:
         out["fused_kernels"] = "off" if kernels.strip().lower() in _OFF else "on"

@@ -79,7 +79,9 @@ class WeightDelta:
     source; None keeps the model held. Then, in this order: `drop` frees kept tensors; `keep` copies the held
     tensor of each key aside under an id (so that a later job can come back to it without a transfer);
     `restore` copies a kept tensor back into a key; `files` are staged safetensors files whose tensors
-    replace those keys. Replacements are made in place: compiled code and CUDA graphs stay valid.
+    replace those keys; `shared` (key -> CUDA IPC handle of the client's tensor) are copied from GPU memory
+    by the rank on that GPU (`shared_rank`) and broadcast to the others. Replacements are made in place:
+    compiled code and CUDA graphs stay valid.
 
         >>> d = WeightDelta(base=None, keep={"blocks.0.mlp.fc1.weight": 7}, files=["/dev/shm/x/w-3.safetensors"])
         >>> d.replaces()
@@ -90,6 +92,8 @@ class WeightDelta:
     keep: dict = field(default_factory=dict)
     restore: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
+    shared: dict = field(default_factory=dict)
+    shared_rank: int = 0
 
     def replaces(self) -> bool:
         """A whole new model (compiled code and CUDA graphs of the old one are then of no use)."""

@@ -91,6 +91,8 @@ class FakeRuntime:
         self.loaded_identity = weights.identity
 
     def _all_reduce(self, value: float, op=dist.ReduceOp.SUM) -> float:
+        if self.world_size == 1:                 # a one-worker pool has no process group
+            return value
         t = torch.tensor([value], dtype=torch.float32, device=self.device)
         dist.all_reduce(t, op=op)
         return float(t.item())

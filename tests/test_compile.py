@@ -61,6 +61,32 @@ def test_compiled_blocks_equal_eager_and_do_not_recompile():
     torch._dynamo.reset()
 
 
+def test_a_new_image_size_runs_the_compiled_blocks_without_compiling_again():
+    """compile_blocks(any_size=True): the token count is symbolic, so after a first size has been compiled (for
+    whole blocks and for the halves) other sizes, odd ones too, reuse the same code; results equal eager."""
+    torch._dynamo.reset()
+    model = random_model("tiny", seed=3)
+    c = random_cond(model.cfg, 1)
+    text = model.encode_text(c.context, c.text_embedding_mask, c.encoder_hidden_states_t5, c.text_embedding_mask_t5)
+    g = torch.Generator().manual_seed(0)
+    sizes = [(16, 12), (20, 16), (10, 14), (9, 7)]
+    latents = [torch.randn(1, 4, h, w, generator=g) for h, w in sizes]
+    with torch.no_grad():
+        refs = [(_blocks_out(model, LocalAttention(), x, text), _blocks_out(model, Communicating(), x, text))
+                for x in latents]
+        model.compile_blocks(any_size=True)
+        first = (_blocks_out(model, LocalAttention(), latents[0], text), _blocks_out(model, Communicating(), latents[0], text))
+        first_graphs = counters["stats"]["unique_graphs"]
+        outs = [first] + [(_blocks_out(model, LocalAttention(), x, text), _blocks_out(model, Communicating(), x, text))
+                          for x in latents[1:]]
+        later_graphs = counters["stats"]["unique_graphs"] - first_graphs
+    assert later_graphs == 0, f"new sizes compiled {later_graphs} more graphs"
+    for (ref_whole, ref_halves), (whole, halves) in zip(refs, outs):
+        for out, ref in ((whole, ref_whole), (halves, ref_halves)):
+            assert (out - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+    torch._dynamo.reset()
+
+
 def test_padded_attention_keeps_the_math():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 37, 88, generator=g) for _ in range(3))

@@ -231,3 +231,20 @@ def test_pickle_with_objects_refused(tiny_model, tmp_path):
 def test_unknown_save_layout(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="choose one of comfyui, bare, original_pt, diffusers"):
         save_checkpoint(tiny_model, tmp_path / "x", "gguf")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-buffer path loads to CUDA only")
+def test_a_file_loads_to_the_gpu_as_it_is_stored(tiny_model, tmp_path):
+    """Through the two pinned bounce buffers (and directly, for tensors larger than one): bit-identical."""
+    from comfyui_xdit_hunyuan.model.loading import _to_gpu
+    path = save_checkpoint(tiny_model, tmp_path / "tiny.safetensors", "bare")
+    cpu, _, _ = load_state_dict(path)
+    for dtype in (None, torch.float16):
+        gpu, _, _ = load_state_dict(path, device="cuda", dtype=dtype)
+        assert gpu.keys() == cpu.keys()
+        for k in cpu:
+            want = cpu[k] if dtype is None else cpu[k].to(dtype)
+            assert gpu[k].device.type == "cuda" and torch.equal(gpu[k].cpu(), want), k
+    small = dict(_to_gpu(((k, v) for k, v in cpu.items()), torch.device("cuda"), None, chunk=1024))
+    assert all(torch.equal(small[k].cpu(), cpu[k]) for k in cpu)

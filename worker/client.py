@@ -38,7 +38,7 @@ from ..plan import ParallelConfig, PlanError
 
 from . import protocol as P
 from .processes import describe_exit, kill_group, own_process_group, private_dir, spawn, sweep_stale_dirs
-from .weights import HeldWeights
+from .weights import HeldWeights, Staged
 
 WORKER_MODULE = __package__ + ".main"     # run as `python -m`: the pack's own modules, never another `worker`
 POLL_S = 0.05            # how often run() looks at cancel(), exits and heartbeats
@@ -342,26 +342,34 @@ class PoolClient:
                 raise PlanError(f"the plan's degrees multiply to {plan.world_size} but the pool has "
                                 f"{len(self.devices)} worker(s) on {', '.join(self.devices)}; resolve the "
                                 f"plan for this pool's devices")
+            self._wall = {"submitted": submitted, "checked": checked, "answers": {}}
             starting = not self._idle_and_healthy()
+            t_start = time.perf_counter()
             if starting:                      # the workers start while the weights are staged
                 self._begin_start()
             self._job_id += 1
-            staged: list[Path] = []
+            staged: list = []                 # files and shared GPU tensors of this job
             try:
                 wire = self._wire_job(job, staged)
                 if starting:
+                    t0 = time.perf_counter()
                     self._finish_start()
-                self._wall = {"submitted": submitted, "checked": checked, "answers": {}}
+                    self._wall["start_wait_seconds"] = time.perf_counter() - t0
+                    self._wall["start_seconds"] = time.perf_counter() - t_start
                 return self._run(self._job_id, wire, plan, staged, on_progress, cancel)
             except BaseException:
                 if starting and not self.alive:
                     self._teardown()
                 raise
             finally:
-                for path in staged:
-                    _remove(path)
+                for item in staged:
+                    if isinstance(item, Path):
+                        _remove(item)
+                staged.clear()                # GPU tensors: the workers hold their own copies now
+                if torch.cuda.is_initialized():
+                    torch.cuda.ipc_collect()
 
-    def _run(self, job_id: int, job: Job, plan: ParallelConfig, staged: list[Path],
+    def _run(self, job_id: int, job: Job, plan: ParallelConfig, staged: list,
              on_progress: ProgressFn | None, cancel: Callable[[], bool] | None) -> torch.Tensor:
         outcome: dict[int, dict] = {}
         loaded: set[int] = set()
@@ -397,8 +405,9 @@ class PoolClient:
                     elif kind == P.LOADED:
                         loaded.add(w.rank)
                         if len(loaded) == len(self._workers):
-                            for path in staged:         # every rank read them
-                                _remove(path)
+                            for item in staged:         # every rank read them
+                                if isinstance(item, Path):
+                                    _remove(item)
                     elif kind in P.TERMINAL:
                         self._wall["answers"][w.rank] = time.time()
                         if kind == P.ERROR and msg.get("kind") != P.ERROR_JOB:
@@ -447,7 +456,8 @@ class PoolClient:
         steps = next((s["step_seconds"] for s in ranks if s.get("step_seconds")), [])   # the reporting rank
         self.last_stats = {"loads": ranks[0].get("loads"), "step_seconds": steps,
                            "job_seconds": seconds, "ranks": ranks, "overhead": self._overhead(ranks),
-                           "weights": dict(self._weights.counts)}
+                           "weights": dict(self._weights.counts),
+                           "client_seconds": {k: self._wall.get(k) for k in ("start_seconds", "stage_seconds", "start_wait_seconds")}}
 
     def _overhead(self, ranks: list[dict]) -> dict | None:
         """Where a job's time beyond the ranks' own work went (seconds): the job's checks and its wiring
@@ -495,20 +505,40 @@ class PoolClient:
             return []
         return checks.validate_job(job, plan, cfg)
 
-    def _wire_job(self, job: Job, staged: list[Path]) -> Job:
-        """The job as sent: its weights as the transfer the workers need (worker/weights.py); the files staged
-        for it are appended to `staged`."""
+    def _wire_job(self, job: Job, staged: list) -> Job:
+        """The job as sent: its weights as the transfer the workers need (worker/weights.py); what was staged
+        for it (files, GPU tensors shared with the workers) is appended to `staged`, to be freed after it."""
         ref = job.weights
         if not isinstance(ref, WeightsRef):
             raise JobError(f"job.weights must be a WeightsRef(identity, source), got {type(ref).__name__}")
 
-        def stage(tensors) -> str:
-            path = self._stage(tensors)
-            staged.append(path)
-            return str(path)
-        return replace(job, weights=WeightsRef(ref.identity, self._weights.plan(ref, stage)))
+        def stage(tensors, whole: bool = False) -> Staged:
+            shared, rank = ({}, None) if whole else self._share(tensors, staged)
+            rest = {k: t for k, t in tensors.items() if k not in shared}
+            files = [str(self._stage(rest, staged))] if rest else []
+            return Staged(files=files, shared=shared, shared_rank=rank or 0)
+        t0 = time.perf_counter()
+        delta = self._weights.plan(ref, stage)
+        self._wall["stage_seconds"] = time.perf_counter() - t0
+        return replace(job, weights=WeightsRef(ref.identity, delta))
 
-    def _stage(self, tensors: Mapping[str, torch.Tensor]) -> Path:
+    def _share(self, tensors: Mapping[str, torch.Tensor], staged: list) -> tuple[dict, int | None]:
+        """CUDA IPC handles of the tensors that live on the GPU of one of the workers (a LoRA's patched weights,
+        computed by ComfyUI on its own GPU): that rank copies them device to device, no copy through the host."""
+        ranks = {d: r for r, d in enumerate(self.devices) if d.startswith("cuda")}
+        shared, rank = {}, None
+        for key, t in tensors.items():
+            where = ranks.get(str(t.device)) if t.is_cuda else None
+            if where is None or (rank is not None and where != rank):
+                continue
+            from torch.multiprocessing.reductions import reduce_tensor
+            t = t.detach().contiguous()
+            staged.append(t)                  # alive until the job ends (the workers have copied it)
+            _, args = reduce_tensor(t)
+            shared[key], rank = args, where
+        return shared, rank
+
+    def _stage(self, tensors: Mapping[str, torch.Tensor], staged: list) -> Path:
         """One private safetensors file of `tensors` (CPU copies) that every rank reads."""
         from safetensors.torch import save_file
 
@@ -521,10 +551,10 @@ class PoolClient:
             storages.add(ptr)
             out[name] = t
         path = Path(self._stage_dir, f"weights-{self._job_id}-{len(os.listdir(self._stage_dir))}.safetensors")
+        staged.append(path)
         try:
             save_file(out, str(path))
         except OSError as e:
-            _remove(path)
             raise PoolError(f"could not write the model weights for the workers to {path}: {e}; free space there "
                             f"(or, for a disk folder, point TMPDIR to a larger disk)") from e
         os.chmod(path, 0o600)

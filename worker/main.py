@@ -19,6 +19,7 @@ import traceback
 from . import protocol
 
 EXIT_PARENT_GONE = 3
+PROCESS_STARTED = time.time()
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +85,7 @@ class Worker:
         self.busy.set()                      # starting up counts as busy
         self._job_id = None
         self.runtime = None
+        self.start_phases: dict = {}
 
     # ------------------------------------------------------------------ channel
     def send(self, msg: dict) -> None:
@@ -159,19 +161,28 @@ class Worker:
 
         args = self.args
         device = torch.device(args.device)
+        phases, t = {}, time.perf_counter()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=args.init_method,
-                                rank=args.rank, world_size=args.world_size,
-                                timeout=timedelta(seconds=args.pg_timeout))
-        probe = torch.ones(1, device=device)
-        dist.all_reduce(probe)               # every rank can reach every other one (NCCL inits here)
-        if probe.item() != args.world_size:
-            raise RuntimeError(f"the start-up all_reduce gave {probe.item()}, expected {args.world_size}")
+            torch.empty(1, device=device)        # the CUDA context, now
+        phases["cuda"], t = time.perf_counter() - t, time.perf_counter()
+        if args.world_size > 1:              # one worker needs no process group (and saves its start-up)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=args.init_method,
+                                    rank=args.rank, world_size=args.world_size,
+                                    timeout=timedelta(seconds=args.pg_timeout))
+            probe = torch.ones(1, device=device)
+            dist.all_reduce(probe)           # every rank can reach every other one (NCCL inits here)
+            if probe.item() != args.world_size:
+                raise RuntimeError(f"the start-up all_reduce gave {probe.item()}, expected {args.world_size}")
+        phases["process_group"], t = time.perf_counter() - t, time.perf_counter()
         module, _, name = args.runtime.partition(":")
         cls = getattr(importlib.import_module(module), name)
         config = PoolConfig(**json.loads(args.config))
-        return cls(config, args.rank, args.world_size, args.device)
+        phases["imports"], t = time.perf_counter() - t, time.perf_counter()
+        runtime = cls(config, args.rank, args.world_size, args.device)
+        phases["runtime"] = time.perf_counter() - t
+        self.start_phases = {k: round(v, 3) for k, v in phases.items()}
+        return runtime
 
     def _run(self, msg: dict) -> None:
         from ..job import JobCancelled, JobError
@@ -218,7 +229,8 @@ class Worker:
     def _stats(self, seconds: float, step_seconds: list[float]) -> dict:
         rt = self.runtime
         stats = {"pid": os.getpid(), "device": self.args.device, "loads": getattr(rt, "loads", None),
-                 "job_seconds": seconds, "step_seconds": step_seconds, "rss_bytes": _rss_bytes()}
+                 "job_seconds": seconds, "step_seconds": step_seconds, "rss_bytes": _rss_bytes(),
+                 "start_phases": self.start_phases, "process_seconds": time.time() - PROCESS_STARTED}
         if hasattr(rt, "loaded_identity"):
             stats["identity"] = rt.loaded_identity
         try:

@@ -6,19 +6,21 @@ A job's WeightsRef becomes a WeightDelta (comfyui_xdit_hunyuan.job) for the work
 - a state dict is compared key by key with what the workers hold, by version: the source's own
   `version(key)` when it has one (the ComfyUI adapter's PatchedStateDict: equal versions, equal tensors),
   else (identity, key). The first one, or one with other keys, is staged whole; after that only the keys
-  whose version differs travel: copied back from what the workers kept aside when they hold it, else written
-  to one staged file.
+  whose version differs travel: copied back from what the workers kept aside when they hold it, else shared
+  from the client's GPU memory (CUDA IPC, where a worker runs on the GPU that holds them: no copy through the
+  host) or written to one staged file.
 - before a key is replaced, the workers keep its tensor aside (within `keep_bytes`, least recently used
   first out), so that going back to a model held recently (a LoRA removed, a strength changed back) costs no
   transfer.
 
     >>> t = HeldWeights(keep_bytes=1 << 20, itemsize=4)
+    >>> stage = lambda tensors, whole=False: Staged(files=[f"staged:{sorted(tensors)}"])
     >>> src = Versioned({"a": torch.zeros(2), "b": torch.ones(2)}, {"a": 1, "b": 1})
-    >>> d = t.plan(WeightsRef("m", src), stage=lambda tensors: f"staged:{sorted(tensors)}")
+    >>> d = t.plan(WeightsRef("m", src), stage)
     >>> d.base, t.commit()
     ("staged:['a', 'b']", None)
     >>> src = Versioned({"a": torch.zeros(2), "b": 2 * torch.ones(2)}, {"a": 1, "b": 2})
-    >>> d = t.plan(WeightsRef("m+lora", src), stage=lambda tensors: f"staged:{sorted(tensors)}")
+    >>> d = t.plan(WeightsRef("m+lora", src), stage)
     >>> d.base, d.files, list(d.keep), t.counts["sent"]
     (None, ["staged:['b']"], ['b'], 1)
 """
@@ -34,7 +36,16 @@ import torch
 
 from ..job import JobError, WeightDelta, WeightsRef
 
-Stage = Callable[[Mapping[str, torch.Tensor]], str]
+@dataclass
+class Staged:
+    """Where staged tensors are for the workers: safetensors files, and tensors shared from GPU memory
+    (key -> what WeightDelta.shared holds)."""
+    files: list = field(default_factory=list)
+    shared: dict = field(default_factory=dict)
+    shared_rank: int = 0
+
+
+Stage = Callable[..., Staged]     # stage(tensors, whole=False): whole loads are always one file
 
 
 class Versioned(dict):
@@ -130,8 +141,10 @@ class HeldWeights:
                 self.counts["restored"] -= 1
                 send[key] = _tensor(source, key)
         if send:
-            delta.files.append(stage(send))
-            self.counts.update(sent=len(send), sent_bytes=sum(_nbytes(t) for t in send.values()))
+            staged = stage(send)
+            delta.files, delta.shared, delta.shared_rank = staged.files, staged.shared, staged.shared_rank
+            self.counts.update(sent=len(send), sent_bytes=sum(_nbytes(t) for t in send.values()),
+                               shared=len(staged.shared))
         self._pending = _Pending(identity, versions, kept, self.shapes)
         return delta
 
@@ -140,7 +153,7 @@ class HeldWeights:
         self.counts.update(whole=True, sent=len(tensors), sent_bytes=sum(_nbytes(t) for t in tensors.values()),
                            restored=0, unchanged=0)
         self._pending = _Pending(identity, versions, OrderedDict(), {k: tuple(t.shape) for k, t in tensors.items()})
-        return WeightDelta(base=stage(tensors))
+        return WeightDelta(base=stage(tensors, whole=True).files[0])
 
     def commit(self) -> None:
         """The workers hold the planned weights."""

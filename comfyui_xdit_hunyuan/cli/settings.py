@@ -72,6 +72,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def common_settings(args: argparse.Namespace) -> Settings:
     """Devices, parallel options and sampling options, checked (the model-independent part)."""
+    from comfyui_xdit_hunyuan.compile_cache import default_root
     from comfyui_xdit_hunyuan.config import PoolConfig, env_overrides, parse_devices
     from comfyui_xdit_hunyuan.plan import ParallelConfig
 
@@ -86,8 +87,8 @@ def common_settings(args: argparse.Namespace) -> Settings:
     if strategy == "auto" and degrees:
         given = " ".join(OPTION_NAMES[f] for f in DEGREES if f in degrees)
         raise UsageError(f"--strategy auto chooses the degrees itself; drop {given}, or use --strategy manual")
-    pool = PoolConfig(devices=args.devices, attention=args.attention, dtype=args.dtype,
-                      compile=bool(args.compile)).with_overrides(env_overrides(os.environ))
+    pool = PoolConfig(devices=args.devices, attention=args.attention, dtype=args.dtype, compile=bool(args.compile),
+                      cache_dir=str(default_root())).with_overrides(env_overrides(os.environ))
     parallel = ParallelConfig(strategy=strategy, num_pipeline_patch=args.num_pipeline_patch,
                               warmup_steps=args.warmup_steps, **degrees)
     # parallel.validate() runs in resolve_plan(), with the model's own head count and depth

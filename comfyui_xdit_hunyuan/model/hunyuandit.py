@@ -332,6 +332,7 @@ class HunyuanDiT(nn.Module):
         # a block's two halves around self-attention, run one after the other where the attention
         # communicates (compile_blocks compiles them)
         self._halves = (HunyuanDiTBlock.before_attention, HunyuanDiTBlock.after_attention)
+        self._any_size = False          # compiled blocks with a symbolic token count (compile_blocks)
 
     # ---------------------------------------------------------------- pieces the engine composes
     @property
@@ -434,6 +435,10 @@ class HunyuanDiT(nn.Module):
         index of the block that produced them; skip outputs are stored there under this block's index."""
         whole = getattr(attention, "traceable", False)
         cross = self.options.cross_attention
+        if self._any_size:
+            _token_dim_dynamic(x, 1, *rope)
+            for t in skips.values():
+                _token_dim_dynamic(t, 1)
         for i in blocks:
             src = self.cfg.skip_source(i)
             skip = skips.pop(src) if src is not None else None
@@ -443,7 +448,10 @@ class HunyuanDiT(nn.Module):
             else:           # the halves around an attention that communicates (no graph break inside)
                 before, after = self._halves
                 x, q, k, v = before(self.blocks[i], x, shift, rope, skip)
-                x = after(self.blocks[i], x, attention(q, k, v, i), text_kv, rope, cross)
+                o = attention(q, k, v, i)
+                if self._any_size:
+                    _token_dim_dynamic(o, 2)
+                x = after(self.blocks[i], x, o, text_kv, rope, cross)
             if self.cfg.is_skip_source(i):
                 skips[i] = x
         return x
@@ -484,23 +492,27 @@ class HunyuanDiT(nn.Module):
             for attn in (blk.attn1, blk.attn2):
                 attn.pad_out_weight(padded_head_dim(attn.head_dim) if fused else None)
 
-    def compile_blocks(self, mode: str | None = None) -> None:
+    def compile_blocks(self, mode: str | None = None, *, any_size: bool = True) -> None:
         """Regional torch.compile (blocks share the compiled code, so the first run stays short):
         - whole blocks, for attention that traces (one GPU, CFG parallel): attention fuses with its
           neighbours;
         - the two halves of a block around self-attention, for attention that communicates (Ulysses, Ring,
           PipeFusion's K/V buffer): called one after the other with the attention in between, so there is no
           graph break inside a block and no graph per block index. Both compile lazily, at first use.
-        `mode`: torch.compile's mode (config.PoolConfig.compile_mode; None is its default)."""
+        `mode`: torch.compile's mode (config.PoolConfig.compile_mode; None is its default). `any_size`: the token
+        count is symbolic in the compiled code, so a new image size runs at once instead of compiling again
+        (config.PoolConfig.compile_any_size)."""
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # a machine that cannot compile (no Triton, no C compiler) runs the blocks eagerly, with dynamo's
         # warning in the worker's log, instead of failing every job
         torch._dynamo.config.suppress_errors = True
+        dynamic = None if any_size else False          # None: the dimensions marked below stay symbolic
         for blk in self.blocks:
-            blk.compile(dynamic=False, mode=mode)
-        self._halves = (torch.compile(HunyuanDiTBlock.before_attention, dynamic=False, mode=mode),
-                        torch.compile(HunyuanDiTBlock.after_attention, dynamic=False, mode=mode))
+            blk.compile(dynamic=dynamic, mode=mode)
+        self._halves = (torch.compile(HunyuanDiTBlock.before_attention, dynamic=dynamic, mode=mode),
+                        torch.compile(HunyuanDiTBlock.after_attention, dynamic=dynamic, mode=mode))
+        self._any_size = any_size
 
     # ---------------------------------------------------------------- the whole model, serially
     def forward(self, x, t, context, text_embedding_mask, encoder_hidden_states_t5, text_embedding_mask_t5,
@@ -513,6 +525,13 @@ class HunyuanDiT(nn.Module):
         tokens = self.run_blocks(self.embed_image(x), cond, self.rope(grid), range(self.cfg.depth), {},
                                  attention or LocalAttention())
         return self.unpatchify(self.final_tokens(tokens, cond), grid)
+
+
+def _token_dim_dynamic(t: torch.Tensor, dim: int, *more: torch.Tensor) -> None:
+    """Mark the token dimension (dim of t; dim 0 of the RoPE tables in `more`) as symbolic for compiled code."""
+    torch._dynamo.maybe_mark_dynamic(t, dim)
+    for table in more:
+        torch._dynamo.maybe_mark_dynamic(table, 0)
 
 
 def init_random_(model: HunyuanDiT, seed: int = 0, std: float = 0.02) -> HunyuanDiT:

@@ -3,6 +3,9 @@ mesh per set of degrees, and runs jobs with the Runner."""
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from typing import Callable
 
 import torch
@@ -37,6 +40,23 @@ def build_weights(source, *, dtype: torch.dtype, device: torch.device) -> Hunyua
     return load_model(source, dtype=dtype, device=device)
 
 
+def _import_compiler() -> None:
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.codecache  # noqa: F401,E401
+    import torch._inductor.compile_fx  # noqa: F401
+
+
+def _compile_times() -> str | None:
+    """torch.compile's own account of where its time went (cumulative, this process), or None."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    if dynamo is None:
+        return None
+    try:
+        return dynamo.compile_times(repr="str", aggregate=True)
+    except Exception:  # noqa: BLE001 - statistics only
+        return None
+
+
 class RankRuntime:
     """One per worker process, created after torch.distributed's default group is initialised (or with
     world_size 1 and no torch.distributed at all). `pool`: what the pool was started with (dtype, attention,
@@ -58,12 +78,20 @@ class RankRuntime:
         self.loads = 0                              # real weight loads (tests assert reuse)
         self.meshes: dict[tuple, object] = {}
         self.last_setup_phases: dict = {}              # host time of the last job before its first step
+        self.last_weights_seconds: float | None = None  # the last job's weights: load or update
         # CUDA graphs of the whole model call (every plan without PipeFusion); they hold the weights'
         # addresses, so they are dropped whenever the weights change
         mode = graphs_mode(self.device, pool.cuda_graphs, pool.compile_mode)
         self.graphs = GraphCache(collectives=mode == "all") if mode else None
         # CPU group for agreeing on cancellation without touching the GPU stream
         self.ctrl = dist.new_group(backend="gloo") if world_size > 1 else None
+        self.load_phases: dict = {}
+        # torch.compile's modules take seconds to import: in the background while the first job's weights
+        # are on their way
+        self._compiler = None
+        if pool.compile and self.device.type == "cuda":
+            self._compiler = threading.Thread(target=_import_compiler, name="import-compiler", daemon=True)
+            self._compiler.start()
 
     @property
     def loaded_identity(self) -> str | None:
@@ -93,10 +121,15 @@ class RankRuntime:
             self.graphs.clear()                     # they read the old weights' memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        t = time.perf_counter()
         self.model = build_weights(source, dtype=self.dtype, device=self.device)
+        self.load_phases = {"read": time.perf_counter() - t}
         self.model.configure(self.compute_options())
         if self.pool.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager
-            self.model.compile_blocks(self.pool.compile_mode)
+            if self._compiler is not None:
+                self._compiler.join()           # imported in the background since start-up
+            self.model.compile_blocks(self.pool.compile_mode, any_size=self.pool.compile_any_size)
+        self.load_phases["configure"] = time.perf_counter() - t - self.load_phases["read"]
         self.loads += 1
 
     @torch.no_grad()
@@ -121,10 +154,28 @@ class RankRuntime:
                     if key not in params:
                         raise JobError(f"the weights name a tensor this model does not have: '{key}'")
                     params[key].copy_(f.get_tensor(key))
-        changed = bool(delta.restore or delta.files)
+        if delta.shared:
+            self._copy_shared(delta, params)
+        changed = bool(delta.restore or delta.files or delta.shared)
         if changed:
             self.model.refresh_derived()
         return changed
+
+    def _copy_shared(self, delta: WeightDelta, params: dict) -> None:
+        """Tensors the client shares from GPU memory (CUDA IPC): the rank on that GPU copies them device to
+        device, then broadcasts each to the other ranks (NCCL; every rank applies the same delta in order)."""
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        if self.device.type != "cuda":
+            raise RuntimeError("the pool client shared GPU tensors with a CPU worker")
+        for key, args in delta.shared.items():
+            if key not in params:
+                raise JobError(f"the weights name a tensor this model does not have: '{key}'")
+            if self.rank == delta.shared_rank:
+                src = rebuild_cuda_tensor(*args)
+                params[key].copy_(src)
+                del src                       # releases the client's memory (its IPC reference count)
+            if self.world_size > 1:
+                dist.broadcast(params[key], src=delta.shared_rank)
 
     def compute_options(self) -> ComputeOptions:
         """How this rank's model computes, from the pool's config and the device."""
@@ -151,7 +202,9 @@ class RankRuntime:
         first rank). Cancellation is agreed by all ranks at the same step (JobCancelled everywhere).
         Returns the final LATENT samples (CPU float32) on rank 0, None elsewhere.
         """
+        t0 = time.perf_counter()
         self.ensure_weights(job.weights)
+        self.last_weights_seconds = time.perf_counter() - t0
         report({"type": "loaded", "identity": self.identity})     # every job: the client's record follows it
         mesh = self.mesh_for(plan)
         # self-attention runs inside the compiled block graphs only without sequence parallelism / PipeFusion
@@ -171,4 +224,6 @@ class RankRuntime:
         phases = self.last_setup_phases
         return {"setup_seconds": sum(phases.values()) if phases else None, "setup_phases": phases,
                 "cuda_graphs": graphs, "cpu_threads": torch.get_num_threads(), "kept_tensors": len(self.kept),
+                "weights_seconds": self.last_weights_seconds, "load_phases": self.load_phases,
+                "compile_times": _compile_times(),
                 "kept_bytes": sum(t.numel() * t.element_size() for t in self.kept.values())}
