@@ -14,7 +14,7 @@ from ..model.attention import resolve_backend
 from ..config import PoolConfig
 from ..plan import ParallelConfig
 from .graphs import GraphCache, graphs_mode
-from .mesh import build_mesh
+from .mesh import Mesh, build_mesh
 from .runner import Runner
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -39,10 +39,17 @@ def build_weights(source, *, dtype: torch.dtype, device: torch.device) -> Hunyua
 class RankRuntime:
     """One per worker process, created after torch.distributed's default group is initialised (or with
     world_size 1 and no torch.distributed at all). `pool`: what the pool was started with (dtype, attention,
-    compile, graphs, kernels); the degrees come with each job."""
+    compile, graphs, kernels); the degrees come with each job.
 
-    def __init__(self, pool: PoolConfig, rank: int, world_size: int, device: str):
+    `mesh_builder(degrees, rank)`: how this rank's meshes are made; None: `build_mesh` over torch.distributed,
+    with a gloo group for the cancel agreement. `parallel.mesh.standin_mesh` runs rank `rank`'s share of each
+    job alone, every collective stood in (bench/floors.py): no torch.distributed call is then made, and a job
+    may have any plan with more than `rank` ranks (`world_size` then only sizes the CPU thread cap)."""
+
+    def __init__(self, pool: PoolConfig, rank: int, world_size: int, device: str, *,
+                 mesh_builder: Callable[[dict, int], Mesh] | None = None):
         self.pool, self.rank, self.world_size = pool, rank, world_size
+        self.mesh_builder = mesh_builder
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -61,7 +68,7 @@ class RankRuntime:
         mode = graphs_mode(self.device, pool.cuda_graphs, pool.compile_mode)
         self.graphs = GraphCache(collectives=mode == "all") if mode else None
         # CPU group for agreeing on cancellation without touching the GPU stream
-        self.ctrl = dist.new_group(backend="gloo") if world_size > 1 else None
+        self.ctrl = dist.new_group(backend="gloo") if world_size > 1 and mesh_builder is None else None
 
     @property
     def loaded_identity(self) -> str | None:
@@ -96,10 +103,11 @@ class RankRuntime:
     def mesh_for(self, plan: ParallelConfig):
         degrees = plan.mesh_degrees
         key = tuple(degrees.values())
-        if plan.world_size != self.world_size:
+        if plan.world_size != self.world_size and (self.mesh_builder is None or plan.world_size <= self.rank):
             raise JobError(f"the plan needs {plan.world_size} ranks but the pool has {self.world_size}")
         if key not in self.meshes:
-            self.meshes[key] = build_mesh(degrees, self.rank, ctrl=self.ctrl)
+            self.meshes[key] = (build_mesh(degrees, self.rank, ctrl=self.ctrl) if self.mesh_builder is None
+                                else self.mesh_builder(degrees, self.rank))
         return self.meshes[key]
 
     def run(self, job: Job, plan: ParallelConfig, *, report: Callable[[dict], None],
