@@ -118,7 +118,9 @@ class Floors:
                 "rank": rank, "coords": coords_of(rank, plan.mesh_degrees), "steps": steps,
                 "ms_per_step": 1000 * (seconds - setup) / steps, "job_seconds": seconds, "setup_seconds": setup,
                 "warm_job_seconds": warm, "warm_steps": warm_steps, "cuda_graphs": graphs,
-                "backend": rt.pool.attention, "latent_shape": None if out is None else list(out.shape)}
+                "backend": rt.attention_backend(plan), "cross_attention": rt.model.options.cross_attention,
+                "fused_kernels": rt.model.options.fused_kernels,
+                "latent_shape": None if out is None else list(out.shape)}
 
 
 def floors_of(rows: list[dict]) -> dict[tuple[str, int], dict]:
@@ -182,16 +184,25 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _write(path: str, report: dict) -> None:
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 def collect(args) -> dict:
     if args.cache_dir:
         os.environ.update(compile_cache.environment(compile_cache.prepare(args.cache_dir)))
     pool = PoolConfig(devices=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile == "on",
                       cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels).validate()
     bench = Floors(pool, args.device, args.preset)
-    rows = []
+    rows: list[dict] = []
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"# floors on {name}, torch {torch.__version__}, {args.preset} model, pool {pool.to_dict()}", flush=True)
+    report = {"device": name, "torch": torch.__version__, "preset": args.preset, "pool": pool.to_dict(),
+              "steps": args.steps, "results": rows}
     for px in (int(s) for s in args.sizes.split(",")):
         for plan_name in plans_named(args.plans):
             plan = ParallelConfig(**PLANS[plan_name])
@@ -204,21 +215,20 @@ def collect(args) -> dict:
                           f"{type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
                 rows.append(row)
+                _write(args.out, report)                 # after every row: a killed run keeps what it measured
                 g = row["cuda_graphs"]
                 graphs = "" if g is None else f", CUDA graphs recorded {g['captures']}, failed {g['failures']}"
                 print(f"{px}² {plan_name:<16} rank {rank}: {row['ms_per_step']:7.2f} ms/step (warm-up job "
-                      f"{row['warm_job_seconds']:.1f} s, set-up {1000 * row['setup_seconds']:.0f} ms{graphs})", flush=True)
-    return {"device": name, "torch": torch.__version__, "preset": args.preset, "pool": pool.to_dict(),
-            "steps": args.steps, "results": rows}
+                      f"{row['warm_job_seconds']:.1f} s, set-up {1000 * row['setup_seconds']:.0f} ms{graphs}; "
+                      f"attention {row['backend']})", flush=True)
+    return report
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     report = collect(args)
     print(table(report["results"], measured_steps(args.compare)))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    _write(args.out, report)
     return 0 if report["results"] else 1
 
 

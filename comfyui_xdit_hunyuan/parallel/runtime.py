@@ -94,11 +94,20 @@ class RankRuntime:
         return True
 
     def compute_options(self) -> ComputeOptions:
-        """How this rank's model computes, from the pool's config and the device."""
+        """How this rank's model computes, from the pool's config and the device. The cross-attention's keys
+        are the text tokens (a few hundred): its kernel is chosen for that size."""
+        cfg = self.model.cfg
         return ComputeOptions(fused_kernels=kernels.wanted(self.device, self.pool.fused_kernels),
                               fused_gelu=self.device.type == "cuda",
                               cross_attention=resolve_backend(self.pool.attention, self.device, self.dtype,
-                                                              in_graph=self.pool.compile))
+                                                              in_graph=self.pool.compile,
+                                                              keys=cfg.text_len + cfg.text_len_t5))
+
+    def attention_backend(self, plan: ParallelConfig) -> str:
+        """The self-attention kernel of a job under `plan`: self-attention runs inside the compiled block
+        graphs only without sequence parallelism / PipeFusion."""
+        in_graph = self.pool.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
+        return resolve_backend(self.pool.attention, self.device, self.dtype, in_graph=in_graph)
 
     def mesh_for(self, plan: ParallelConfig):
         degrees = plan.mesh_degrees
@@ -122,11 +131,8 @@ class RankRuntime:
         if self.ensure_weights(job.weights):
             report({"type": "loaded", "identity": self.identity})
         mesh = self.mesh_for(plan)
-        # self-attention runs inside the compiled block graphs only without sequence parallelism / PipeFusion
-        in_graph = self.pool.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
-        backend = resolve_backend(self.pool.attention, self.device, self.dtype, in_graph=in_graph)
-        runner = Runner(self.model, mesh, plan, backend=backend, report=report, cancel_requested=cancel_requested,
-                        graphs=self.graphs)
+        runner = Runner(self.model, mesh, plan, backend=self.attention_backend(plan), report=report,
+                        cancel_requested=cancel_requested, graphs=self.graphs)
         try:
             return runner.run(job)
         finally:
