@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention as attention_kernel
+from .attention import attention as attention_kernel, pads_head_dim
 from .config import HunyuanDiTConfig
 from . import kernels
 from .kernels import add_layer_norm, cat_layer_norm, norm_rope_pad, pad_head_dim, padded_head_dim, softmax_rescale
@@ -219,7 +219,7 @@ class HunyuanDiTBlock(nn.Module):
         pad_to = None      # attention traced with the block: the fused kernels may pad its head dim
         if getattr(attention, "traceable", False):
             d = self.attn1.head_dim
-            pad_to = padded_head_dim(d) if getattr(attention, "backend", None) == "padded" else d
+            pad_to = padded_head_dim(d) if pads_head_dim(getattr(attention, "backend", "")) else d
         x, q, k, v = self.before_attention(x, shift, rope, skip, pad_to)
         return self.after_attention(x, attention(q, k, v, index), text_kv, rope, cross_backend)
 

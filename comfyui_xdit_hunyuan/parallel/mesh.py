@@ -1,7 +1,10 @@
 """The device mesh: world = cfg (outermost) x pipefusion x ring x ulysses (innermost, contiguous ranks).
 
 Built once per (degrees) from the default process group and passed explicitly to every parallel piece;
-nothing here is global, so two meshes can coexist in one process.
+nothing here is global, so two meshes can coexist in one process. The parallel code communicates only
+through the mesh's `comm` (parallel/collectives.py): torch.distributed for a real mesh (`build_mesh`); for
+`standin_mesh` (one rank of a plan, alone on one device: bench/floors.py) stand-ins that move no data
+between ranks, with stand-in groups of the real groups' sizes.
 
 Example, 8 ranks, cfg 2 x pipefusion 2 x ring 1 x ulysses 2: ulysses groups [0,1] [2,3] [4,5] [6,7];
 pipefusion (stage) groups [0,2] [1,3] [4,6] [5,7]; cfg groups [0,4] [1,5] [2,6] [3,7].
@@ -12,6 +15,8 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
+
+from .collectives import TORCH, LocalGroup, LocalStandIn
 
 AXES = ("cfg", "pp", "ring", "ulysses")          # outermost first
 
@@ -25,6 +30,7 @@ class Mesh:
     sp_group: object = None                        # ring x ulysses of this rank
     p2p: dict[str, object] = field(default_factory=dict)      # PipeFusion flows -> process group (whole world)
     ctrl: object = None                            # CPU (gloo) group of the whole world: cancel agreement
+    comm: object = TORCH                           # the collectives (parallel/collectives.py)
 
     @property
     def world(self) -> int:
@@ -97,6 +103,27 @@ def build_mesh(degrees: dict[str, int], rank: int, *, ctrl=None) -> Mesh:
         for flow in ("hidden", "skip", "latent"):
             mesh.p2p[flow] = dist.new_group(list(range(world)))
         _connect_pairs(mesh, all_coords)
+    return mesh
+
+
+def standin_mesh(degrees: dict[str, int], rank: int) -> Mesh:
+    """Rank `rank` of a mesh of `degrees`, alone: its coordinates, stand-in groups of the real groups' sizes
+    (`collectives.LocalGroup`, None where the real group is None) and the stand-in collectives, no control
+    group (cancellation is then this rank's own). Makes no torch.distributed call.
+
+    Example, degrees cfg 2 x ulysses 2, rank 3: coords {cfg: 1, pp: 0, ring: 0, ulysses: 1}; groups cfg
+    LocalGroup("cfg", 2, 1) and ulysses LocalGroup("ulysses", 2, 1), pp and ring None; sp_group
+    LocalGroup("sp", 2, 1); world 4, as for build_mesh on rank 3 of 4 processes.
+    """
+    degrees = {a: int(degrees.get(a, 1)) for a in AXES}
+    mesh = Mesh(degrees=degrees, rank=rank, coords=coords_of(rank, degrees), comm=LocalStandIn())
+    if mesh.world == 1:
+        return mesh
+    for axis in AXES:
+        mesh.groups[axis] = LocalGroup(axis, degrees[axis], mesh.coords[axis]) if degrees[axis] > 1 else None
+    mesh.sp_group = LocalGroup("sp", mesh.sp_degree, mesh.sp_index) if mesh.sp_degree > 1 else None
+    if degrees["pp"] > 1:
+        mesh.p2p = {flow: LocalGroup(flow, mesh.world, rank) for flow in ("hidden", "skip", "latent")}
     return mesh
 
 

@@ -269,7 +269,7 @@ class Runner:
         if self.mesh.world == 1 or self.mesh.ctrl is None:
             return flag
         t = torch.tensor([int(flag)], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.ctrl)
+        self.mesh.comm.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.ctrl)
         return bool(t.item())
 
     def _views(self, st: JobState, step: int) -> list[View]:
@@ -313,7 +313,7 @@ class Runner:
         if self.mesh.degree("cfg") == 2 and st.use_uncond:
             mine = self.mesh.index("cfg")
             pair = [torch.empty_like(acc[mine]) for _ in range(2)]
-            dist.all_gather(pair, acc[mine].contiguous(), group=self.mesh.groups["cfg"])
+            self.mesh.comm.all_gather(pair, acc[mine].contiguous(), group=self.mesh.groups["cfg"])
             acc = pair
         w = st.weights                                    # 0-dim CPU tensors: kernel scalars, no copy
         cond = acc[1] / w[1]
@@ -343,9 +343,9 @@ class Runner:
             final = sampling.final_latent(st.ms, st.sigmas, x).float().contiguous()
         if self.P > 1:
             if self.reporter:
-                dist.send(final, 0, group=self.mesh.p2p["latent"])
+                self.mesh.comm.send(final, 0, group=self.mesh.p2p["latent"])
                 final = None
             elif self.mesh.rank == 0:
                 final = torch.empty(st.shape, device=self.model.device, dtype=torch.float32)
-                dist.recv(final, self.mesh.rank_at(pp=self.P - 1), group=self.mesh.p2p["latent"])
+                self.mesh.comm.recv(final, self.mesh.rank_at(pp=self.P - 1), group=self.mesh.p2p["latent"])
         return final.cpu() if final is not None else None

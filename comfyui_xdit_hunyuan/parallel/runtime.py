@@ -18,7 +18,7 @@ from ..model.attention import resolve_backend
 from ..config import PoolConfig
 from ..plan import ParallelConfig
 from .graphs import GraphCache, graphs_mode
-from .mesh import build_mesh
+from .mesh import Mesh, build_mesh
 from .runner import Runner
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,10 +60,17 @@ def _compile_times() -> str | None:
 class RankRuntime:
     """One per worker process, created after torch.distributed's default group is initialised (or with
     world_size 1 and no torch.distributed at all). `pool`: what the pool was started with (dtype, attention,
-    compile, graphs, kernels); the degrees come with each job."""
+    compile, graphs, kernels); the degrees come with each job.
 
-    def __init__(self, pool: PoolConfig, rank: int, world_size: int, device: str):
+    `mesh_builder(degrees, rank)`: how this rank's meshes are made; None: `build_mesh` over torch.distributed,
+    with a gloo group for the cancel agreement. `parallel.mesh.standin_mesh` runs rank `rank`'s share of each
+    job alone, every collective stood in (bench/floors.py): no torch.distributed call is then made, and a job
+    may have any plan with more than `rank` ranks (`world_size` then only sizes the CPU thread cap)."""
+
+    def __init__(self, pool: PoolConfig, rank: int, world_size: int, device: str, *,
+                 mesh_builder: Callable[[dict, int], Mesh] | None = None):
         self.pool, self.rank, self.world_size = pool, rank, world_size
+        self.mesh_builder = mesh_builder
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -84,7 +91,7 @@ class RankRuntime:
         mode = graphs_mode(self.device, pool.cuda_graphs, pool.compile_mode)
         self.graphs = GraphCache(collectives=mode == "all") if mode else None
         # CPU group for agreeing on cancellation without touching the GPU stream
-        self.ctrl = dist.new_group(backend="gloo") if world_size > 1 else None
+        self.ctrl = dist.new_group(backend="gloo") if world_size > 1 and mesh_builder is None else None
         self.load_phases: dict = {}
         # torch.compile's modules take seconds to import: in the background while the first job's weights
         # are on their way
@@ -178,19 +185,29 @@ class RankRuntime:
                 dist.broadcast(params[key], src=delta.shared_rank)
 
     def compute_options(self) -> ComputeOptions:
-        """How this rank's model computes, from the pool's config and the device."""
+        """How this rank's model computes, from the pool's config and the device. The cross-attention's keys
+        are the text tokens (a few hundred): its kernel is chosen for that size."""
+        cfg = self.model.cfg
         return ComputeOptions(fused_kernels=kernels.wanted(self.device, self.pool.fused_kernels),
                               fused_gelu=self.device.type == "cuda",
                               cross_attention=resolve_backend(self.pool.attention, self.device, self.dtype,
-                                                              in_graph=self.pool.compile))
+                                                              in_graph=self.pool.compile,
+                                                              keys=cfg.text_len + cfg.text_len_t5))
+
+    def attention_backend(self, plan: ParallelConfig) -> str:
+        """The self-attention kernel of a job under `plan`: self-attention runs inside the compiled block
+        graphs only without sequence parallelism / PipeFusion."""
+        in_graph = self.pool.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
+        return resolve_backend(self.pool.attention, self.device, self.dtype, in_graph=in_graph)
 
     def mesh_for(self, plan: ParallelConfig):
         degrees = plan.mesh_degrees
         key = tuple(degrees.values())
-        if plan.world_size != self.world_size:
+        if plan.world_size != self.world_size and (self.mesh_builder is None or plan.world_size <= self.rank):
             raise JobError(f"the plan needs {plan.world_size} ranks but the pool has {self.world_size}")
         if key not in self.meshes:
-            self.meshes[key] = build_mesh(degrees, self.rank, ctrl=self.ctrl)
+            self.meshes[key] = (build_mesh(degrees, self.rank, ctrl=self.ctrl) if self.mesh_builder is None
+                                else self.mesh_builder(degrees, self.rank))
         return self.meshes[key]
 
     def run(self, job: Job, plan: ParallelConfig, *, report: Callable[[dict], None],
@@ -207,11 +224,8 @@ class RankRuntime:
         self.last_weights_seconds = time.perf_counter() - t0
         report({"type": "loaded", "identity": self.identity})     # every job: the client's record follows it
         mesh = self.mesh_for(plan)
-        # self-attention runs inside the compiled block graphs only without sequence parallelism / PipeFusion
-        in_graph = self.pool.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
-        backend = resolve_backend(self.pool.attention, self.device, self.dtype, in_graph=in_graph)
-        runner = Runner(self.model, mesh, plan, backend=backend, report=report, cancel_requested=cancel_requested,
-                        graphs=self.graphs)
+        runner = Runner(self.model, mesh, plan, backend=self.attention_backend(plan), report=report,
+                        cancel_requested=cancel_requested, graphs=self.graphs)
         try:
             return runner.run(job)
         finally:

@@ -7,16 +7,10 @@ All tensors are head-first [B, H, L, d]. Uneven token counts are exchanged with 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..model.attention import attention, attention_lse, merge_partial
 from .layout import TokenLayout
 from .mesh import Mesh
-
-
-def _a2a(out_flat: torch.Tensor, in_flat: torch.Tensor, out_splits, in_splits, group) -> None:
-    dist.all_to_all_single(out_flat, in_flat, output_split_sizes=out_splits, input_split_sizes=in_splits,
-                           group=group)
 
 
 def ulysses_to_heads(x: torch.Tensor, mesh: Mesh, layout: TokenLayout, patches: list[int]) -> torch.Tensor:
@@ -29,7 +23,8 @@ def ulysses_to_heads(x: torch.Tensor, mesh: Mesh, layout: TokenLayout, patches: 
     lens = [sum(layout.piece_len(m, r, i) for m in patches) for i in range(U)]
     unit = S * B * h * d
     recv = x.new_empty(unit * sum(lens))
-    _a2a(recv, send, [unit * n for n in lens], [unit * L] * U, mesh.groups["ulysses"])
+    mesh.comm.all_to_all_single(recv, send, output_split_sizes=[unit * n for n in lens],
+                                input_split_sizes=[unit * L] * U, group=mesh.groups["ulysses"])
     parts = recv.split([unit * n for n in lens])
     per_rank = [p.view(S, B, h, n, d) for p, n in zip(parts, lens)]
     if len(patches) == 1:
@@ -51,7 +46,8 @@ def ulysses_to_tokens(y: torch.Tensor, mesh: Mesh, layout: TokenLayout, patches:
     L = sum(layout.piece_len(m, r, u) for m in patches)
     unit = B * h * d
     recv = y.new_empty(unit * L * U)
-    _a2a(recv, send, [unit * L] * U, [t.numel() for t in to_rank], mesh.groups["ulysses"])
+    mesh.comm.all_to_all_single(recv, send, output_split_sizes=[unit * L] * U,
+                                input_split_sizes=[t.numel() for t in to_rank], group=mesh.groups["ulysses"])
     return recv.view(U, B, h, L, d).permute(1, 0, 2, 3, 4).reshape(B, U * h, L, d)
 
 
@@ -67,7 +63,7 @@ def ring_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: list[int], mesh: 
     n = max(kv_lens)
     mine = torch.nn.functional.pad(kv, (0, 0, 0, n - kv.shape[3])) if kv.shape[3] < n else kv
     blocks = [torch.empty_like(mine) for _ in range(R)]
-    work = dist.all_gather(blocks, mine.contiguous(), group=mesh.groups["ring"], async_op=True)
+    work = mesh.comm.all_gather(blocks, mine.contiguous(), group=mesh.groups["ring"], async_op=True)
     out, lse = merge_partial(None, None, *attention_lse(q, kv[0], kv[1], backend))
     work.wait()
     for step in range(1, R):

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.distributed as dist
 
 from ..model import HunyuanDiT
 from ..model.config import HunyuanDiTConfig
@@ -252,11 +251,11 @@ class StageLinks:
 
     def recv(self, shape, dtype, src_stage: int, flow: str) -> torch.Tensor:
         buf = torch.empty(shape, device=self.device, dtype=dtype)
-        dist.irecv(buf, self.mesh.rank_at(pp=src_stage), group=self.mesh.p2p[flow]).wait()
+        self.mesh.comm.irecv(buf, self.mesh.rank_at(pp=src_stage), group=self.mesh.p2p[flow]).wait()
         return buf
 
     def send(self, ev: int, t: torch.Tensor, dst_stage: int, flow: str) -> None:
-        work = dist.isend(t.contiguous(), self.mesh.rank_at(pp=dst_stage), group=self.mesh.p2p[flow])
+        work = self.mesh.comm.isend(t.contiguous(), self.mesh.rank_at(pp=dst_stage), group=self.mesh.p2p[flow])
         self.pending.append((ev, work))
 
     def settle(self, before: int | None = None) -> None:
@@ -276,7 +275,7 @@ def gather_sp(tok: torch.Tensor, mesh: Mesh, layout: TokenLayout, view: View) ->
     n = max(lens)
     padded = torch.nn.functional.pad(tok, (0, 0, 0, n - tok.shape[1])).contiguous()
     parts = [torch.empty_like(padded) for _ in lens]
-    dist.all_gather(parts, padded, group=mesh.sp_group)
+    mesh.comm.all_gather(parts, padded, group=mesh.sp_group)
     v0, v1 = layout.patch_tokens(view.patches[0])[0], layout.patch_tokens(view.patches[-1])[1]
     out = tok.new_empty(tok.shape[0], v1 - v0, tok.shape[2])
     for i, part in enumerate(parts):
