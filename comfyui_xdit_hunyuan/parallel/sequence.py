@@ -111,7 +111,8 @@ class SequenceParallelAttention:
         self.patches: list[int] = list(range(layout.patches))
         self.key: object = 0
 
-    @torch.compiler.disable
+    # Called between compiled block halves, never inside a compiled region (HunyuanDiT.run_blocks), so it needs
+    # no torch.compiler.disable: that decorator would import torch.compile's modules (seconds) in every worker.
     def __call__(self, q, k, v, block):
         mesh, layout = self.mesh, self.layout
         U, R, r = mesh.degree("ulysses"), mesh.degree("ring"), mesh.index("ring")
