@@ -98,7 +98,8 @@ for part in "$@"; do
   case "$part" in
     unpack) unpack ;;
     install) install ;;
-    attention) check; timeout 240 python3 bench/attention_bench.py --out "$out/attention.json" 2>&1 | tee "$out/attention.log" ;;
+    attention) check; timeout 240 python3 bench/attention_bench.py --out "$out/attention.json" 2>&1 | tee "$out/attention.log"
+               timeout 60 python3 bench/gpu_checks.py --only seqfirst 2>&1 | tee "$out/seqfirst.log" ;;
     floors1024) floors 1024 default 20 560 ;;
     floors2048) floors 2048 default 10 560 ;;
     more1024) floors 1024 more 20 560 ;;
