@@ -14,13 +14,15 @@
 # Every part that runs Python first says whether flash-attn-4 imports; without it the benches still run
 # (attention without the flash-attn-4 rows, floors with the cuDNN kernels).
 #
-# The calls (the machine stays warm for 30 s after a call: send the next one at once):
+# The calls (the machine stays warm for 30 s after a call, and /tmp/site with it: send the next one at once):
 #   1. carry .fa4a:              bash bench/device_h200_fa4.sh "$OUT" unpack              (~1 min)
 #   2. carry .fa4b, .comfywhl:   bash bench/device_h200_fa4.sh "$OUT" install attention   (~3-4 min)
-#   3. no carry:                 bash bench/device_h200_fa4.sh "$OUT" floors1024          (~5-9 min)
-#   4. no carry:                 bash bench/device_h200_fa4.sh "$OUT" floors2048          (~5-9 min)
+#   3. no carry:                 bash bench/device_h200_fa4.sh "$OUT" floors2048          (~5-9 min)
+#   4. no carry:                 bash bench/device_h200_fa4.sh "$OUT" floors1024          (~5-9 min)
 #   optional, if time is left:   ... more1024 / more2048 (4- and 8-way plans' ranks, ~9 min each)
-# Each part stops itself inside the 10-minute limit of a call (its JSON is written after every row).
+# 2048² before 1024²: only 2048² reaches flash-attn-4's threshold (8192 tokens), so it goes while the install
+# is warm; 1024² runs the same with or without it. Each part stops itself inside the 10-minute limit of a
+# call (floors writes its JSON after every row).
 set -uo pipefail
 out=${1:?usage: bash bench/device_h200_fa4.sh OUT PART...}; shift
 mkdir -p "$out"
@@ -98,7 +100,8 @@ for part in "$@"; do
   case "$part" in
     unpack) unpack ;;
     install) install ;;
-    attention) check; timeout 240 python3 bench/attention_bench.py --out "$out/attention.json" 2>&1 | tee "$out/attention.log" ;;
+    attention) check; timeout 240 python3 bench/attention_bench.py --out "$out/attention.json" 2>&1 | tee "$out/attention.log"
+               timeout 60 python3 bench/gpu_checks.py --only seqfirst 2>&1 | tee "$out/seqfirst.log" ;;
     floors1024) floors 1024 default 20 560 ;;
     floors2048) floors 2048 default 10 560 ;;
     more1024) floors 1024 more 20 560 ;;

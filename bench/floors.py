@@ -194,6 +194,11 @@ def _write(path: str, report: dict) -> None:
 def collect(args) -> dict:
     if args.cache_dir:
         os.environ.update(compile_cache.environment(compile_cache.prepare(args.cache_dir)))
+    # one process compiles the block graphs of every plan's shapes (a worker sees a few): room for all of them,
+    # so that no plan silently runs eager past dynamo's cache limit
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 2048)
     pool = PoolConfig(devices=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile == "on",
                       cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels).validate()
     bench = Floors(pool, args.device, args.preset)

@@ -4,7 +4,9 @@ keyword, so CONDITIONING maps 1:1.
 
 Hooks for the parallel engine, and nothing else parallel-specific:
 - self-attention calls `attention(q, k, v, block_index)` on post-norm, post-RoPE head-first tensors
-  (`SelfAttention` protocol below); the default is local SDPA;
+  (`SelfAttention` protocol below); the default is local SDPA. With the fused kernels, an attention that
+  communicates may take the fused QKV projection instead (`attend_projection(y, layer, block_index)`) and
+  prepare q, k, v itself with `layer.qkv_from` after its exchange (Ulysses: on its heads);
 - `run_blocks` runs any contiguous block range on any token slice, taking and returning skip
   activations by block index, so stages and sequence slices compose.
 """
@@ -141,19 +143,24 @@ class SelfAttentionLayer(_OutProjection, nn.Module):
 
     def qkv(self, x, rope, pad_to: int | None = None):
         """Head-first q, k, v [b, h, n, d], normalised, RoPE on q and k. With the fused kernels and
-        pad_to (attention traced with the block), one kernel per tensor, the head dim padded to pad_to and
-        q scaled so that attention's default softmax scale 1/sqrt(pad_to) acts as 1/sqrt(d)."""
+        pad_to (attention traced with the block), `qkv_from` the projection."""
         b, n, _ = x.shape
         if self.options.fused_kernels and pad_to is not None:
-            y, hd = self.Wqkv(x), self.heads * self.head_dim
-            return (norm_rope_pad(y, 0, self.heads, self.head_dim, self.q_norm, rope, pad_to,
-                                  softmax_rescale(self.head_dim, pad_to)),
-                    norm_rope_pad(y, hd, self.heads, self.head_dim, self.k_norm, rope, pad_to),
-                    norm_rope_pad(y, 2 * hd, self.heads, self.head_dim, None, None, pad_to))
+            return self.qkv_from(self.Wqkv(x), rope, pad_to)
         q, k, v = self.Wqkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = layer_norm32(q, self.q_norm), layer_norm32(k, self.k_norm)
         return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def qkv_from(self, y, rope, pad_to: int, heads: int | None = None, seq_first: bool = False):
+        """The fused kernels' q, k, v of `heads` heads (default all) from a QKV projection y [b, n, 3*heads*d]
+        (q, k, v columns in turn; seq_first: [n, b, 3*heads*d]), RoPE rows `rope` of its n tokens: one kernel
+        per tensor, head-first [b, heads, n, pad_to] over token-major storage, the head dim padded to pad_to
+        and q scaled so that attention's default softmax scale 1/sqrt(pad_to) acts as 1/sqrt(d)."""
+        h, d = heads or self.heads, self.head_dim
+        return (norm_rope_pad(y, 0, h, d, self.q_norm, rope, pad_to, softmax_rescale(d, pad_to), seq_first=seq_first),
+                norm_rope_pad(y, h * d, h, d, self.k_norm, rope, pad_to, seq_first=seq_first),
+                norm_rope_pad(y, 2 * h * d, h, d, None, None, pad_to, seq_first=seq_first))
 
     def forward(self, x, rope, attention: SelfAttention, block: int):
         return self.out(attention(*self.qkv(x, rope), block))
@@ -223,14 +230,18 @@ class HunyuanDiTBlock(nn.Module):
         x, q, k, v = self.before_attention(x, shift, rope, skip, pad_to)
         return self.after_attention(x, attention(q, k, v, index), text_kv, rope, cross_backend)
 
-    def before_attention(self, x, shift, rope, skip, pad_to: int | None = None):
-        """Skip merge, norm, shift, fused QKV, q/k norms and RoPE -> (x, q, k, v)."""
+    def before_attention(self, x, shift, rope, skip, pad_to: int | None = None, projection: bool = False):
+        """Skip merge, norm, shift, fused QKV, q/k norms and RoPE -> (x, q, k, v); projection: only up to the
+        fused QKV projection -> (x, y), for an attention that prepares q, k, v itself (`attend_projection`)."""
         if self.skip_linear is not None:
             if self.options.fused_kernels:
                 x = self.skip_linear(cat_layer_norm(x, skip, self.skip_norm))
             else:
                 x = self.skip_linear(layer_norm32(torch.cat([x, skip], dim=-1), self.skip_norm))
-        return (x, *self.attn1.qkv(layer_norm32(x, self.norm1) + shift, rope, pad_to))
+        h = layer_norm32(x, self.norm1) + shift
+        if projection:
+            return x, self.attn1.Wqkv(h)
+        return (x, *self.attn1.qkv(h, rope, pad_to))
 
     def after_attention(self, x, o, text_kv, rope, cross_backend: str):
         """Self-attention output projection and residual, cross-attention, MLP."""
@@ -434,6 +445,8 @@ class HunyuanDiT(nn.Module):
         """Run `blocks` (ascending indices) on tokens x. Skip inputs are popped from `skips` by the
         index of the block that produced them; skip outputs are stored there under this block's index."""
         whole = getattr(attention, "traceable", False)
+        # the fused kernels after a communicating attention's exchange (Ulysses: on its heads)
+        projected = not whole and self.options.fused_kernels and hasattr(attention, "attend_projection")
         cross = self.options.cross_attention
         if self._any_size:
             _token_dim_dynamic(x, 1, *rope)
@@ -447,8 +460,12 @@ class HunyuanDiT(nn.Module):
                 x = self.blocks[i](x, shift, text_kv, rope, skip, attention, i, cross)
             else:           # the halves around an attention that communicates (no graph break inside)
                 before, after = self._halves
-                x, q, k, v = before(self.blocks[i], x, shift, rope, skip)
-                o = attention(q, k, v, i)
+                if projected:
+                    x, y = before(self.blocks[i], x, shift, rope, skip, projection=True)
+                    o = attention.attend_projection(y, self.blocks[i].attn1, i)
+                else:
+                    x, q, k, v = before(self.blocks[i], x, shift, rope, skip)
+                    o = attention(q, k, v, i)
                 if self._any_size:
                     _token_dim_dynamic(o, 2)
                 x = after(self.blocks[i], x, o, text_kv, rope, cross)

@@ -5,7 +5,9 @@ reference (the unfused code, used on the CPU and where Triton is missing).
   norms), 2-D RoPE, the head dim zero-padded (88 -> 96 for the faster cuDNN kernel) with the softmax scale
   folded into q, written token-major [B, N, H, Dp] (returned as the head-first view [B, H, N, Dp]). cuDNN
   then writes the attention output token-major too, and the output projection reads it without a copy
-  (its weight zero-padded to match). Unfused, torch.compile spends ≈ 3 passes and 2 copies on this.
+  (its weight zero-padded to match). Unfused, torch.compile spends ≈ 3 passes and 2 copies on this. The
+  source may also be sequence-first [N, B, width] (`seq_first`: what the Ulysses exchange of the projection
+  delivers, parallel/sequence.py); the output is token-major all the same.
 - `cat_layer_norm`: the skip merge's LayerNorm over [x, skip] without materialising the concatenation
   first (one pass instead of a statistics pass and a concatenating pass);
 - `add_layer_norm`: a residual add and the LayerNorm after it in one pass (before the cross-attention and
@@ -57,24 +59,30 @@ def padded_head_dim(d: int, multiple: int = 32) -> int:
 
 if triton is not None:
     @triton.jit
-    def _norm_rope_pad_kernel(src, dst, w, b, cos, sin, M, n_tok, src_stride, eps, q_scale,
+    def _norm_rope_pad_kernel(src, dst, w, b, cos, sin, M, n_tok, batch, src_stride, eps, q_scale,
                               H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr):
-        # one program: BLOCK_T tokens, every head in turn (each token's row is read and written in one sweep,
-        # its RoPE angles loaded once)
+                              BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+                              SEQ_FIRST: tl.constexpr):
+        # one program: BLOCK_T source rows (tokens), every head in turn (each token's row is read and written
+        # in one sweep, its RoPE angles loaded once)
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         d = tl.arange(0, BLOCK_D)
         rmask = rows < M
         dmask = d < D
         m2 = rmask[:, None] & dmask[None, :]
         src_rows = src + rows[:, None].to(tl.int64) * src_stride + d[None, :]
-        dst_rows = dst + rows[:, None].to(tl.int64) * (H * DP) + d[None, :]
+        if SEQ_FIRST:        # source rows (token, batch), batch inner; written token-major (batch, token)
+            tok = rows // batch
+            dst_rows = dst + ((rows % batch) * n_tok + tok)[:, None].to(tl.int64) * (H * DP) + d[None, :]
+        else:                # source rows (batch, token)
+            tok = rows % n_tok
+            dst_rows = dst + rows[:, None].to(tl.int64) * (H * DP) + d[None, :]
         smask = rmask[:, None] & (d < DP)[None, :]
         if NORM:
             wv = tl.load(w + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
             bv = tl.load(b + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         if ROPE:                                          # pairs (0, 1), (2, 3), ... rotate together
-            t = (rows % n_tok)[:, None] * D + d[None, :]
+            t = tok[:, None] * D + d[None, :]
             ce, co = tl.split(tl.reshape(tl.load(cos + t, mask=m2, other=0.0), (BLOCK_T, BLOCK_D // 2, 2)))
             se, so = tl.split(tl.reshape(tl.load(sin + t, mask=m2, other=0.0), (BLOCK_T, BLOCK_D // 2, 2)))
         for h in range(H):
@@ -140,9 +148,11 @@ def _layer_norm(x, norm):
     return F.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
 
 
-def norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_scale=1.0):
+def norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_scale=1.0, *, seq_first=False):
     """The unfused computation, same result layout: [B, H, N, pad_to] viewing [B, N, H, pad_to] storage."""
     from .rope import rotate_pairs
+    if seq_first:
+        src = src.transpose(0, 1)
     b, n, _ = src.shape
     x = src[..., col0: col0 + heads * head_dim].reshape(b, n, heads, head_dim)
     if norm is not None:
@@ -158,14 +168,20 @@ def norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_sc
 
 
 def norm_rope_pad(src: torch.Tensor, col0: int, heads: int, head_dim: int, norm, rope, pad_to: int,
-                  q_scale: float = 1.0, *, block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                  q_scale: float = 1.0, *, seq_first: bool = False, block_t: int | None = None,
+                  num_warps: int | None = None) -> torch.Tensor:
     """Attention input from a projection output src [B, N, width] (contiguous): columns col0 ..
     col0 + heads*head_dim, per-head LayerNorm `norm` (or None), RoPE `rope` = (cos, sin) float32
     [N, head_dim] (or None), times q_scale, zero-padded to pad_to. Returns [B, H, N, pad_to] (token-major
-    storage). block_t / num_warps: launch configuration (bench/kernel_bench.py sweeps them)."""
+    storage). seq_first: src is [N, B, width] instead (tokens outer, batch inner); the result is the same.
+    block_t / num_warps: launch configuration (bench/kernel_bench.py sweeps them).
+
+    Example: the Ulysses exchange gives rank u the projection of every token of its ring chunk for its 8
+    heads as [N, B, 3 * 8 * 88]; norm_rope_pad(src, 8 * 88, 8, 88, k_norm, rope_of_the_chunk, 96,
+    seq_first=True) is k for those heads, [B, 8, N, 96] over [B, N, 8, 96] storage, as on one GPU."""
     if not available(src.device):
-        return norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_scale)
-    b, n, width = src.shape
+        return norm_rope_pad_reference(src, col0, heads, head_dim, norm, rope, pad_to, q_scale, seq_first=seq_first)
+    n, b, width = src.shape if seq_first else (src.shape[1], src.shape[0], src.shape[2])
     if rope is not None and tuple(rope[0].shape) != (n, head_dim):
         raise ValueError(f"RoPE tables of shape {tuple(rope[0].shape)} for {n} tokens of head dim {head_dim}")
     src = src.contiguous()
@@ -178,9 +194,10 @@ def norm_rope_pad(src: torch.Tensor, col0: int, heads: int, head_dim: int, norm,
     cos, sin = rope if rope is not None else (src, src)
     block_t = block_t or (128 if INTERPRET else NORM_ROPE_CONFIG[0])    # (the interpreter's cost is per program)
     _norm_rope_pad_kernel[(triton.cdiv(m, block_t),)](
-        src[..., col0:], out, w, bias, cos, sin, m, n, width, norm.eps if norm is not None else 0.0,
+        src[..., col0:], out, w, bias, cos, sin, m, n, b, width, norm.eps if norm is not None else 0.0,
         q_scale, H=heads, D=head_dim, DP=pad_to, BLOCK_D=triton.next_power_of_2(pad_to), BLOCK_T=block_t,
-        NORM=norm is not None, ROPE=rope is not None, num_warps=num_warps or NORM_ROPE_CONFIG[1])
+        NORM=norm is not None, ROPE=rope is not None, SEQ_FIRST=seq_first,
+        num_warps=num_warps or NORM_ROPE_CONFIG[1])
     return out.transpose(1, 2)
 
 

@@ -85,23 +85,31 @@ class View:
 
     Example, a 16x16 latent (8x8 tokens of 2x2) in 2 patches, ring 1, ulysses 2, rank u = 1: the view of
     patch 1 has rows (8, 16), token_rows (4, 8), ranges [(48, 64)] (the second half of tokens 32..64),
-    held 16; the warm-up view [0, 1] has rows (0, 16), token_rows (0, 8), ranges [(16, 32), (48, 64)]."""
+    held 16, and after the Ulysses exchange the chunk [(32, 48), (48, 64)]; the warm-up view [0, 1] has
+    rows (0, 16), token_rows (0, 8), ranges [(16, 32), (48, 64)], chunk [(0, 16), (16, 32), (32, 48),
+    (48, 64)] (patch-major)."""
     patches: list[int]
     ranges: list[tuple[int, int]]       # this rank's token ranges, in patch order
     held: int                           # tokens in them
     rows: tuple[int, int]               # latent rows
     token_rows: tuple[int, int]
     rope: tuple[torch.Tensor, torch.Tensor]        # RoPE (cos, sin) rows of this rank's tokens
+    chunk: list[tuple[int, int]]        # the token ranges this rank holds after the Ulysses exchange
+    chunk_rope: tuple[torch.Tensor, torch.Tensor]  # their RoPE rows (the fused kernels' there)
 
     @staticmethod
     def of(patches: list[int], st: JobState, ring: int, ulysses: int) -> View:
         lay = st.layout
         ranges = lay.ranges(patches, ring, ulysses)
+        chunk = [lay.piece(m, ring, u) for m in patches for u in range(lay.ulysses)]
         first, last = patches[0], patches[-1]
+        rope = tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in st.rope_full)
         return View(patches, ranges, sum(b - a for a, b in ranges),
                     rows=(st.patch_rows[first][0], st.patch_rows[last][1]),
                     token_rows=(lay.patch_row_start[first], lay.patch_row_start[last] + lay.patch_rows[last]),
-                    rope=tuple(torch.cat([tab[a:b] for a, b in ranges]) for tab in st.rope_full))
+                    rope=rope, chunk=chunk,
+                    chunk_rope=rope if chunk == ranges else
+                    tuple(torch.cat([tab[a:b] for a, b in chunk]) for tab in st.rope_full))
 
 
 @dataclass
@@ -178,6 +186,7 @@ class Runner:
             self.step.begin(st, e)
             for view in self._views(st, step_i):
                 st.attn.patches = view.patches         # the patches whose tokens this forward holds
+                st.attn.chunk_rope = view.chunk_rope
                 tokens = self.step.tokens(st, e, view)
                 if tokens is not None:
                     self._advance(st, e, view, tokens)

@@ -195,10 +195,13 @@ class RankRuntime:
                                                               keys=cfg.text_len + cfg.text_len_t5))
 
     def attention_backend(self, plan: ParallelConfig) -> str:
-        """The self-attention kernel of a job under `plan`: self-attention runs inside the compiled block
-        graphs only without sequence parallelism / PipeFusion."""
-        in_graph = self.pool.compile and plan.sp_degree == 1 and plan.pipefusion_degree == 1
-        return resolve_backend(self.pool.attention, self.device, self.dtype, in_graph=in_graph)
+        """The self-attention kernel of a job under `plan`. Padding the head dim is free inside the compiled
+        block graphs (self-attention runs there only without sequence parallelism / PipeFusion), and so it is
+        wherever the fused kernels prepare q, k, v for an attention that communicates (they write the padded
+        head dim at no cost: SequenceParallelAttention.attend_projection)."""
+        local = plan.sp_degree == 1 and plan.pipefusion_degree == 1
+        pad_free = (self.pool.compile and local) or (not local and self.model.options.fused_kernels)
+        return resolve_backend(self.pool.attention, self.device, self.dtype, in_graph=pad_free)
 
     def mesh_for(self, plan: ParallelConfig):
         degrees = plan.mesh_degrees

@@ -3,12 +3,19 @@ results merged by log-sum-exp in float32), and USP (both: Ulysses inside, Ring a
 K/V buffer that sits between the two (after the all-to-all, before the ring).
 
 All tensors are head-first [B, H, L, d]. Uneven token counts are exchanged with exact split sizes.
+
+With the fused kernels (model/kernels.py) the blocks hand the attention their fused QKV projection
+(`SequenceParallelAttention.attend_projection`): Ulysses exchanges the projection itself, sequence-first,
+and the kernels then normalise, rotate and pad q, k, v of this rank's heads over the whole chunk, written
+token-major as on one GPU (q/k norms act per head and RoPE per token, so the exchange commutes with them).
+The output comes back token-major, the padding left behind, for the output projection to read as it is.
 """
 from __future__ import annotations
 
 import torch
 
-from ..model.attention import attention, attention_lse, merge_partial
+from ..model.attention import attention, attention_lse, merge_partial, pads_head_dim
+from ..model.kernels import padded_head_dim
 from .layout import TokenLayout
 from .mesh import Mesh
 
@@ -34,21 +41,54 @@ def ulysses_to_heads(x: torch.Tensor, mesh: Mesh, layout: TokenLayout, patches: 
     return torch.cat([split[i][j] for j in range(len(patches)) for i in range(U)], dim=3)
 
 
-def ulysses_to_tokens(y: torch.Tensor, mesh: Mesh, layout: TokenLayout, patches: list[int]) -> torch.Tensor:
-    """Inverse of `ulysses_to_heads` for one tensor: [B, H/U, L_chunk, d] -> [B, H, L_mine, d]."""
+def ulysses_projection_to_heads(y: torch.Tensor, mesh: Mesh, layout: TokenLayout, patches: list[int]) -> torch.Tensor:
+    """The fused QKV projection of my pieces, [B, L_mine, 3*H*d] (q, k, v columns in turn) -> my head share
+    of the projection of every Ulysses rank's pieces of my ring chunk, sequence-first [L_chunk, B, 3*(H/U)*d]
+    (patch-major): what `norm_rope_pad(..., seq_first=True)` reads, with no copy after the exchange for one
+    patch. Each rank's payload is [L, B, 3, H/U, d] (tokens outermost), so the payloads received line up
+    along the tokens.
+
+    Example, U = 2, H = 16, d = 88, 2048 tokens each: I send [2048, B, 3, 8, 88] of heads 0-7 to rank 0 and
+    of heads 8-15 to rank 1; rank 0 receives [4096, B, 3 * 8 * 88]: its heads of all 4096 tokens."""
+    U, r = mesh.degree("ulysses"), mesh.index("ring")
+    B, L, width = y.shape
+    w = width // U                                           # 3 * (H/U) * d columns per rank
+    send = y.view(B, L, 3, U, w // 3).permute(3, 1, 0, 2, 4).contiguous().view(-1)
+    lens = [sum(layout.piece_len(m, r, i) for m in patches) for i in range(U)]
+    unit = B * w
+    recv = y.new_empty(unit * sum(lens))
+    mesh.comm.all_to_all_single(recv, send, output_split_sizes=[unit * n for n in lens],
+                                input_split_sizes=[unit * L] * U, group=mesh.groups["ulysses"])
+    out = recv.view(sum(lens), B, w)
+    if len(patches) == 1:
+        return out
+    # reorder (rank, patch) -> (patch, rank): the patch-major layout of the K/V buffer
+    split = [pr.split([layout.piece_len(m, r, i) for m in patches]) for i, pr in enumerate(out.split(lens))]
+    return torch.cat([split[i][j] for j in range(len(patches)) for i in range(U)])
+
+
+def ulysses_to_tokens(y: torch.Tensor, mesh: Mesh, layout: TokenLayout, patches: list[int],
+                      head_dim: int | None = None) -> torch.Tensor:
+    """Inverse of `ulysses_to_heads` / `ulysses_projection_to_heads` for the attention output:
+    [B, H/U, L_chunk, d'] (patch-major tokens, any strides) -> [B, H, L_mine, d] head-first over token-major
+    storage, which the output projection reads without a copy. head_dim: the heads' own size when d' is the
+    padded one (the padding is not sent). Each rank's payload is [L, B, H/U, d]: one copy on the way out
+    (none if the output is already laid out so), one on the way in."""
     U, r, u = mesh.degree("ulysses"), mesh.index("ring"), mesh.index("ulysses")
-    B, h, _, d = y.shape
-    sizes = [layout.piece_len(m, r, i) for m in patches for i in range(U)]      # patch-major order
-    pieces = y.split(sizes, dim=2)
-    to_rank = [torch.cat([pieces[j * U + i] for j in range(len(patches))], dim=2) if len(patches) > 1
-               else pieces[i] for i in range(U)]
-    send = torch.cat([t.contiguous().view(-1) for t in to_rank])
+    B, h, _, dp = y.shape
+    d = head_dim or dp
+    s = y[..., :d].permute(2, 0, 1, 3)                                   # [L_chunk, B, h, d]
+    if len(patches) > 1:                                                 # patch-major -> rank-major
+        pieces = s.split([layout.piece_len(m, r, i) for m in patches for i in range(U)])
+        s = torch.cat([pieces[j * U + i] for i in range(U) for j in range(len(patches))])
+    send = s.contiguous().view(-1)
     L = sum(layout.piece_len(m, r, u) for m in patches)
     unit = B * h * d
     recv = y.new_empty(unit * L * U)
     mesh.comm.all_to_all_single(recv, send, output_split_sizes=[unit * L] * U,
-                                input_split_sizes=[t.numel() for t in to_rank], group=mesh.groups["ulysses"])
-    return recv.view(U, B, h, L, d).permute(1, 0, 2, 3, 4).reshape(B, U * h, L, d)
+                                input_split_sizes=[unit * sum(layout.piece_len(m, r, i) for m in patches)
+                                                   for i in range(U)], group=mesh.groups["ulysses"])
+    return recv.view(U, L, B, h, d).permute(2, 1, 0, 3, 4).reshape(B, L, U * h, d).transpose(1, 2)
 
 
 def ring_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: list[int], mesh: Mesh, backend: str) -> torch.Tensor:
@@ -102,22 +142,52 @@ class KVBuffer:
 class SequenceParallelAttention:
     """The self-attention strategy for ulysses x ring (either may be 1) with an optional K/V buffer.
 
-    The runner sets `patches` (the patches whose tokens this forward holds) and `key` (which batch of
+    The runner sets `patches` (the patches whose tokens this forward holds), `chunk_rope` (the RoPE rows of
+    the tokens this rank holds after the Ulysses exchange, `View.chunk_rope`) and `key` (which batch of
     conditioning is being run: buffers are per batch) before each forward.
     """
 
     def __init__(self, mesh: Mesh, layout: TokenLayout, backend: str, kv_buffer: KVBuffer | None = None):
         self.mesh, self.layout, self.backend, self.kv_buffer = mesh, layout, backend, kv_buffer
         self.patches: list[int] = list(range(layout.patches))
+        self.chunk_rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.key: object = 0
 
-    # Called between compiled block halves, never inside a compiled region (HunyuanDiT.run_blocks), so it needs
-    # no torch.compiler.disable: that decorator would import torch.compile's modules (seconds) in every worker.
+    # Both entries are called between compiled block halves, never inside a compiled region
+    # (HunyuanDiT.run_blocks), so they need no torch.compiler.disable: that decorator would import
+    # torch.compile's modules (seconds) in every worker at start-up.
     def __call__(self, q, k, v, block):
         mesh, layout = self.mesh, self.layout
-        U, R, r = mesh.degree("ulysses"), mesh.degree("ring"), mesh.index("ring")
+        U = mesh.degree("ulysses")
         if U > 1:
             q, k, v = ulysses_to_heads(torch.stack((q, k, v)), mesh, layout, self.patches).unbind(0)
+        out = self._attend(q, k, v, block)
+        if U > 1:
+            out = ulysses_to_tokens(out, mesh, layout, self.patches)
+        return out
+
+    def attend_projection(self, y, layer, block):
+        """Self-attention from the block's fused QKV projection y [B, L_mine, 3*H*d] (`layer`: its
+        SelfAttentionLayer, whose fused kernels prepare q, k, v): with Ulysses the projection is exchanged
+        and the kernels run on this rank's heads over its chunk, else on its own tokens; the head dim padded
+        where the backend wants it. Returns [B, H, L_mine, d'] head-first (Ulysses: token-major, unpadded)."""
+        U, d = self.mesh.degree("ulysses"), layer.head_dim
+        pad_to = padded_head_dim(d) if pads_head_dim(self.backend) else d
+        if U > 1:
+            src = ulysses_projection_to_heads(y, self.mesh, self.layout, self.patches)
+            q, k, v = layer.qkv_from(src, self.chunk_rope, pad_to, heads=layer.heads // U, seq_first=True)
+        else:
+            q, k, v = layer.qkv_from(y, self.chunk_rope, pad_to)
+        out = self._attend(q, k, v, block)
+        if U > 1:
+            out = ulysses_to_tokens(out, self.mesh, self.layout, self.patches, head_dim=d)
+        return out
+
+    def _attend(self, q, k, v, block):
+        """Attention of my queries over my ring chunk's keys (after any exchange): through the K/V buffer
+        (PipeFusion), around the ring, or local."""
+        mesh, layout = self.mesh, self.layout
+        R, r = mesh.degree("ring"), mesh.index("ring")
         if self.kv_buffer is not None:
             kv = self.kv_buffer.update((self.key, block), torch.stack((k, v)), layout, self.patches, r)
             kv_patches = list(range(layout.patches))
@@ -127,11 +197,7 @@ class SequenceParallelAttention:
             if kv is None:
                 kv = torch.stack((k, v))
             kv_lens = [layout.chunk_len(kv_patches, i) for i in range(R)]
-            out = ring_attention(q, kv, kv_lens, mesh, self.backend)
-        elif kv is not None:
-            out = attention(q, kv[0], kv[1], self.backend)
-        else:
-            out = attention(q, k, v, self.backend)
-        if U > 1:
-            out = ulysses_to_tokens(out, mesh, layout, self.patches)
-        return out
+            return ring_attention(q, kv, kv_lens, mesh, self.backend)
+        if kv is not None:
+            return attention(q, kv[0], kv[1], self.backend)
+        return attention(q, k, v, self.backend)

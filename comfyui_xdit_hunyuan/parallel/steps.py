@@ -84,8 +84,8 @@ class WholeModelStep(Step):
         if st.graphed is None:
             st.graphed = self._graphed(st, view)
         call = st.graphed
-        return self.graphs(call.key, call.fn, [xin, t], call.job_inputs, job=st.token, keep=view.rope,
-                           communicates=self.communicates)
+        return self.graphs(call.key, call.fn, [xin, t], call.job_inputs, job=st.token,
+                           keep=(*view.rope, *view.chunk_rope), communicates=self.communicates)
 
     def _forward(self, xin, t, texts: list[TextConditions], attn, batches: list[int], layout: TokenLayout,
                  view: View) -> torch.Tensor:
