@@ -3,15 +3,18 @@
 are applied in place, and every result equals the same job run with a fresh runtime on the same weights."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from comfyui_xdit_hunyuan.config import PoolConfig
-from comfyui_xdit_hunyuan.job import WeightsRef
+from comfyui_xdit_hunyuan.job import PoolError, WeightsRef
 from comfyui_xdit_hunyuan.plan import ParallelConfig
 from comfyui_xdit_hunyuan.tiny import random_model
 from comfyui_xdit_hunyuan.worker import PoolClient
 from comfyui_xdit_hunyuan.worker.weights import Versioned
 from parallel_harness import PRESET, SEED, make_job, run_on_mesh
+from tests.test_pool import wait_gone
 
 LORA_KEYS = ("blocks.1.attn1.Wqkv.weight", "blocks.2.attn1.out_proj.weight", "blocks.5.mlp.fc1.weight")
 
@@ -53,3 +56,55 @@ def test_changes_travel_as_deltas_and_every_result_equals_a_fresh_run(monkeypatc
     for job, src, out in jobs:                       # each against a fresh runtime loading the whole dict
         job.weights = WeightsRef("fresh", dict(src))
         assert torch.equal(out, run_on_mesh(plan, [job])[0])
+
+
+def _our_pool_dirs() -> list[str]:
+    """Private folders (temporary folder and /dev/shm) that this process's pools own."""
+    import glob
+    import tempfile
+    mine = []
+    for root in (tempfile.gettempdir(), "/dev/shm"):
+        for folder in glob.glob(os.path.join(root, "xdit-pool-*")):
+            try:
+                if open(os.path.join(folder, "owner")).read().strip() == str(os.getpid()):
+                    mine.append(folder)
+            except OSError:
+                pass
+    return mine
+
+
+def test_thirty_changes_stay_within_their_bounds_and_leave_nothing(monkeypatch):
+    """30 LoRA-like changes in a row (a new strength every time): what the workers keep aside stays within
+    keep_weights_gib, their resident memory within 64 MiB of where it was after the first changes, and no
+    staged file or private folder (temporary folder or /dev/shm) outlives the pool, also when a worker was
+    killed (SIGKILL)."""
+    import signal
+
+    base = model_weights(SEED)
+    one_change = sum(base[k].numel() for k in LORA_KEYS) * 4               # float32 workers
+    pool = PoolConfig(devices="cpu:1", keep_weights_gib=3.5 * one_change / (1 << 30))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rss, kept = [], []
+    with PoolClient(pool, startup_timeout=300) as client:
+        for i in range(30):
+            job = make_job(h=8, w=8, steps=1)
+            job.weights = WeightsRef(f"a:{i}", versioned(base, "a", 0.1 + 0.03 * i))
+            client.run(job, ParallelConfig())
+            r = client.last_stats["ranks"][0]
+            rss.append(r["rss_bytes"])
+            kept.append(r["runtime"]["kept_bytes"])
+            assert not os.listdir(client.stage_dir) or os.listdir(client.stage_dir) == ["owner"]
+        assert max(kept) <= pool.keep_weights_gib * (1 << 30)
+        assert max(rss[5:]) - rss[5] < 64 << 20, [r >> 20 for r in rss]
+        folders = _our_pool_dirs()
+        assert len(folders) == 2                                           # its private folder and its staging one
+        os.kill(client.pids[0], signal.SIGKILL)
+        assert wait_gone(client.pids, 10.0) == []
+        job = make_job(h=8, w=8, steps=1)
+        job.weights = WeightsRef("after-kill", versioned(base, "a", 0.9))
+        try:
+            client.run(job, ParallelConfig())                               # a fresh pool takes over ...
+        except PoolError:                                                   # ... or this job meets the dead
+            client.run(job, ParallelConfig())                               # worker first, and the next does
+        assert not any(os.path.exists(f) for f in folders)                 # the killed pool's folders are gone
+    assert _our_pool_dirs() == []
