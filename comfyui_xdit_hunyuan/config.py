@@ -14,6 +14,7 @@ whoever builds the config in the parent process, never inside the workers:
     XDIT_HUNYUAN_COMPILE_ANY_SIZE=0|1     compile_any_size
     XDIT_HUNYUAN_AUTO_TABLE=PATH          auto_table (the measured table of the auto strategy)
     XDIT_HUNYUAN_CACHE_DIR=PATH           cache_dir (the workers' compile caches)
+    XDIT_HUNYUAN_WEIGHTS_TRANSFER=auto|file   weights_transfer (how a whole model reaches the workers)
 
     >>> PoolConfig(devices="cpu:2").key() == PoolConfig(devices="cpu:2", auto_table="t.json").key()
     True
@@ -31,6 +32,8 @@ from .plan import ParallelConfig, PlanError
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 GRAPH_MODES = ("all", "local", "off")
 KERNEL_MODES = ("auto", "on", "off")
+TRANSFERS = ("auto", "file")
+PARENT_ONLY = ("auto_table", "weights_transfer")   # fields the worker processes do not depend on
 ENV_PREFIX = "XDIT_HUNYUAN_"
 _OFF = ("0", "false", "no", "off")
 
@@ -51,10 +54,13 @@ class PoolConfig:
     keep_weights_gib: float = 4.0    # per rank: replaced weight tensors kept aside, so that going back to
                                      # recent weights (a LoRA removed) needs no transfer
     auto_table: str | None = None    # the auto strategy's measured table (None: the shipped one); parent only
+    weights_transfer: str = "auto"   # how a whole model reaches the workers; parent only. auto: in GPU memory
+                                     # (CUDA IPC) where this process can use a worker's GPU, else one staged
+                                     # safetensors file (/dev/shm where there is one); "file": always the file
 
     def key(self) -> tuple:
         """What the worker processes depend on: a change restarts the pool."""
-        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "auto_table")
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in PARENT_ONLY)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +81,9 @@ class PoolConfig:
         if self.fused_kernels not in KERNEL_MODES:
             raise PlanError("{fused_kernels} '{value}' is unknown; choose one of {choices}", field="fused_kernels",
                             value=self.fused_kernels, choices=", ".join(KERNEL_MODES))
+        if self.weights_transfer not in TRANSFERS:
+            raise PlanError("{weights_transfer} '{value}' is unknown; choose one of {choices}",
+                            field="weights_transfer", value=self.weights_transfer, choices=", ".join(TRANSFERS))
         return self
 
 
@@ -91,7 +100,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict:
     kernels = environ.get(ENV_PREFIX + "FUSED_KERNELS")
     if kernels is not None:
         out["fused_kernels"] = "off" if kernels.strip().lower() in _OFF else "on"
-    for var, name in (("COMPILE_MODE", "compile_mode"), ("AUTO_TABLE", "auto_table"), ("CACHE_DIR", "cache_dir")):
+    for var, name in (("COMPILE_MODE", "compile_mode"), ("AUTO_TABLE", "auto_table"), ("CACHE_DIR", "cache_dir"),
+                      ("WEIGHTS_TRANSFER", "weights_transfer")):
         value = environ.get(ENV_PREFIX + var)
         if value:
             out[name] = value

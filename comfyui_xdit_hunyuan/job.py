@@ -72,11 +72,22 @@ class WeightsRef:
 
 
 @dataclass
+class SharedWeights:
+    """A whole model handed over in GPU memory: the client's tensors on the GPU of rank `rank` (key -> CUDA IPC
+    handle, as WeightDelta.shared holds them; `shapes`: key -> shape, for the ranks that receive them by
+    broadcast). The rank on that GPU copies each (device to device, into the workers' dtype), the others
+    receive it from that rank: no safetensors file, no copy through the host in the workers."""
+    handles: dict
+    shapes: dict
+    rank: int = 0
+
+
+@dataclass
 class WeightDelta:
     """What the workers do to the weights they hold before a job (the pool client decides; worker/weights.py).
 
-    base: load a whole model first, from a path (a checkpoint, or the client's staged file) or a "random:"
-    source; None keeps the model held. Then, in this order: `drop` frees kept tensors; `keep` copies the held
+    base: load a whole model first, from a path (a checkpoint, or the client's staged file), a "random:"
+    source or SharedWeights (the client's GPU memory); None keeps the model held. Then, in this order: `drop` frees kept tensors; `keep` copies the held
     tensor of each key aside under an id (so that a later job can come back to it without a transfer);
     `restore` copies a kept tensor back into a key; `files` are staged safetensors files whose tensors
     replace those keys; `shared` (key -> CUDA IPC handle of the client's tensor) are copied from GPU memory

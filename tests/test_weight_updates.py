@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from comfyui_xdit_hunyuan.config import PoolConfig
 from comfyui_xdit_hunyuan.job import PoolError, WeightsRef
-from comfyui_xdit_hunyuan.plan import ParallelConfig
+from comfyui_xdit_hunyuan.plan import ParallelConfig, PlanError
 from comfyui_xdit_hunyuan.tiny import random_model
 from comfyui_xdit_hunyuan.worker import PoolClient
 from comfyui_xdit_hunyuan.worker.weights import Versioned
@@ -108,3 +109,48 @@ def test_thirty_changes_stay_within_their_bounds_and_leave_nothing(monkeypatch):
             client.run(job, ParallelConfig())                               # worker first, and the next does
         assert not any(os.path.exists(f) for f in folders)                 # the killed pool's folders are gone
     assert _our_pool_dirs() == []
+
+
+def test_a_cpu_pool_or_weights_transfer_file_stages_a_whole_model_in_a_file(monkeypatch):
+    """The whole model goes through a staged file when no worker's GPU is reachable (CPU workers), whatever
+    weights_transfer says; an unknown transfer is refused before any worker starts."""
+    with pytest.raises(PlanError, match="weights_transfer 'ipc' is unknown; choose one of auto, file"):
+        PoolConfig(devices="cpu:1", weights_transfer="ipc").validate()
+    assert PoolConfig(weights_transfer="file").key() == PoolConfig().key()      # the workers do not depend on it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with PoolClient(PoolConfig(devices="cpu:1"), startup_timeout=300) as client:
+        job = make_job(h=8, w=8, steps=1)
+        job.weights = WeightsRef("whole", versioned(model_weights(SEED), "a"))
+        client.run(job, ParallelConfig())
+        w = client.last_stats["weights"]
+        assert w["whole"] and w.get("shared", 0) == 0 and w["sent"] == len(job.weights.source)
+
+
+def _gpu_pool_results(transfer: str, sources: list) -> tuple[list, list]:
+    outs, stats = [], []
+    with PoolClient(PoolConfig(devices="cuda:0", dtype="fp32", compile=False, weights_transfer=transfer),
+                    startup_timeout=300) as client:
+        for name, src in sources:
+            job = make_job(h=16, w=16, steps=2)
+            job.weights = WeightsRef(name, src)
+            outs.append(client.run(job, ParallelConfig()))
+            stats.append(dict(client.last_stats["weights"]))
+    return outs, stats
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
+def test_a_whole_model_over_cuda_ipc_equals_the_staged_file_bit_for_bit():
+    """weights_transfer auto on a GPU pool: a whole model (CPU tensors, or tensors already on the worker's GPU)
+    is handed over in GPU memory, every tensor shared, and every result equals the file transfer's exactly;
+    the client's GPU copy is released after the job."""
+    base = model_weights(SEED)
+    sources = [("cpu", versioned(base, "a")), ("lora", versioned(base, "a", 0.5)),
+               ("resident", versioned({k: v.cuda() for k, v in model_weights(SEED + 1).items()}, "b"))]
+    by_file, _ = _gpu_pool_results("file", sources)
+    before = torch.cuda.memory_allocated()
+    by_ipc, stats = _gpu_pool_results("auto", sources)
+    assert stats[0]["whole"] and stats[0]["shared"] == len(base), stats[0]
+    assert stats[2]["whole"] and stats[2]["shared"] == len(base), stats[2]
+    assert all(torch.equal(a, b) for a, b in zip(by_file, by_ipc))
+    assert torch.cuda.memory_allocated() <= before

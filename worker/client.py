@@ -365,9 +365,7 @@ class PoolClient:
                 for item in staged:
                     if isinstance(item, Path):
                         _remove(item)
-                staged.clear()                # GPU tensors: the workers hold their own copies now
-                if torch.cuda.is_initialized():
-                    torch.cuda.ipc_collect()
+                _release_read(staged)         # GPU tensors: the workers hold their own copies now
 
     def _run(self, job_id: int, job: Job, plan: ParallelConfig, staged: list,
              on_progress: ProgressFn | None, cancel: Callable[[], bool] | None) -> torch.Tensor:
@@ -405,9 +403,7 @@ class PoolClient:
                     elif kind == P.LOADED:
                         loaded.add(w.rank)
                         if len(loaded) == len(self._workers):
-                            for item in staged:         # every rank read them
-                                if isinstance(item, Path):
-                                    _remove(item)
+                            _release_read(staged)       # every rank read them
                     elif kind in P.TERMINAL:
                         self._wall["answers"][w.rank] = time.time()
                         if kind == P.ERROR and msg.get("kind") != P.ERROR_JOB:
@@ -513,7 +509,9 @@ class PoolClient:
             raise JobError(f"job.weights must be a WeightsRef(identity, source), got {type(ref).__name__}")
 
         def stage(tensors, whole: bool = False) -> Staged:
-            shared, rank = ({}, None) if whole else self._share(tensors, staged)
+            if whole:
+                return self._stage_whole(tensors, staged)
+            shared, rank = self._share(tensors, staged)
             rest = {k: t for k, t in tensors.items() if k not in shared}
             files = [str(self._stage(rest, staged))] if rest else []
             return Staged(files=files, shared=shared, shared_rank=rank or 0)
@@ -521,6 +519,34 @@ class PoolClient:
         delta = self._weights.plan(ref, stage)
         self._wall["stage_seconds"] = time.perf_counter() - t0
         return replace(job, weights=WeightsRef(ref.identity, delta))
+
+    def _stage_whole(self, tensors: Mapping[str, torch.Tensor], staged: list) -> Staged:
+        """A whole model for the workers: in GPU memory (CUDA IPC) when config.weights_transfer is "auto" and
+        this process can use the GPU of a worker (the tensors are copied there unless they are on it already;
+        the workers then copy them device to device, far faster than reading a file), else one staged file."""
+        rank = self._reachable_gpu_rank() if self.config.weights_transfer == "auto" else None
+        if rank is not None:
+            device = torch.device(self.devices[rank])
+            try:
+                on_gpu = {k: t.detach().to(device) for k, t in tensors.items()}
+            except torch.cuda.OutOfMemoryError:
+                self.log.warning("no room on %s for a copy of the weights to hand to the workers; staging them "
+                                 "in a file instead", device)
+            else:
+                shared, where = self._share(on_gpu, staged)
+                if where == rank and len(shared) == len(tensors):
+                    return Staged(shared=shared, shared_rank=rank)
+                staged[:] = [item for item in staged if isinstance(item, Path)]
+                del on_gpu
+        return Staged(files=[str(self._stage(tensors, staged))])
+
+    def _reachable_gpu_rank(self) -> int | None:
+        """The first rank whose GPU this process can use (the same device string here as in the workers)."""
+        cuda = [r for r, d in enumerate(self.devices) if d.startswith("cuda")]
+        if not cuda or not torch.cuda.is_available():
+            return None
+        index = torch.device(self.devices[cuda[0]]).index or 0
+        return cuda[0] if index < torch.cuda.device_count() else None
 
     def _share(self, tensors: Mapping[str, torch.Tensor], staged: list) -> tuple[dict, int | None]:
         """CUDA IPC handles of the tensors that live on the GPU of one of the workers (a LoRA's patched weights,
@@ -763,6 +789,21 @@ class PoolClient:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
         self._tmp = self._stage_dir = None
+
+
+def _release_read(staged: list) -> None:
+    """Free what was staged for a job once the workers have read it: staged files removed, shared GPU tensors
+    released (and the GPU memory they held returned to the device, so that a whole model handed over in GPU
+    memory does not stay reserved in this process)."""
+    shared = any(isinstance(item, torch.Tensor) for item in staged)
+    for item in staged:
+        if isinstance(item, Path):
+            _remove(item)
+    staged.clear()
+    if torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()
+        if shared:
+            torch.cuda.empty_cache()
 
 
 def _remove(path: Path | None) -> None:

@@ -34,7 +34,7 @@ from typing import Callable, Hashable, Mapping
 
 import torch
 
-from ..job import JobError, WeightDelta, WeightsRef
+from ..job import JobError, SharedWeights, WeightDelta, WeightsRef
 
 @dataclass
 class Staged:
@@ -45,7 +45,7 @@ class Staged:
     shared_rank: int = 0
 
 
-Stage = Callable[..., Staged]     # stage(tensors, whole=False): whole loads are always one file
+Stage = Callable[..., Staged]     # stage(tensors, whole=False): a whole load is one file or all shared
 
 
 class Versioned(dict):
@@ -153,7 +153,11 @@ class HeldWeights:
         self.counts.update(whole=True, sent=len(tensors), sent_bytes=sum(_nbytes(t) for t in tensors.values()),
                            restored=0, unchanged=0)
         self._pending = _Pending(identity, versions, OrderedDict(), {k: tuple(t.shape) for k, t in tensors.items()})
-        return WeightDelta(base=stage(tensors, whole=True).files[0])
+        staged = stage(tensors, whole=True)
+        if staged.shared:
+            shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+            return WeightDelta(base=SharedWeights(staged.shared, shapes, staged.shared_rank))
+        return WeightDelta(base=staged.files[0])
 
     def commit(self) -> None:
         """The workers hold the planned weights."""

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from ..job import Job, JobError, WeightDelta
+from ..job import Job, JobError, SharedWeights, WeightDelta
 from ..model import ComputeOptions, HunyuanDiT, kernels
 from ..model.attention import resolve_backend
 from ..config import PoolConfig
@@ -129,6 +129,8 @@ class RankRuntime:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         t = time.perf_counter()
+        if isinstance(source, SharedWeights):
+            source = self._receive_whole(source)
         self.model = build_weights(source, dtype=self.dtype, device=self.device)
         self.load_phases = {"read": time.perf_counter() - t}
         self.model.configure(self.compute_options())
@@ -183,6 +185,25 @@ class RankRuntime:
                 del src                       # releases the client's memory (its IPC reference count)
             if self.world_size > 1:
                 dist.broadcast(params[key], src=delta.shared_rank)
+
+    def _receive_whole(self, shared: SharedWeights) -> dict[str, torch.Tensor]:
+        """A whole model from the client's GPU memory (SharedWeights): the rank on that GPU copies each tensor
+        device to device into this pool's dtype, then broadcasts it to the other ranks (every rank walks the
+        keys in the same order)."""
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        if self.device.type != "cuda":
+            raise RuntimeError("the pool client shared GPU tensors with a CPU worker")
+        out = {}
+        for key, args in shared.handles.items():
+            if self.rank == shared.rank:
+                src = rebuild_cuda_tensor(*args)
+                out[key] = src.to(self.dtype, copy=True)
+                del src                       # releases the client's memory (its IPC reference count)
+            else:
+                out[key] = torch.empty(shared.shapes[key], dtype=self.dtype, device=self.device)
+            if self.world_size > 1:
+                dist.broadcast(out[key], src=shared.rank)
+        return out
 
     def compute_options(self) -> ComputeOptions:
         """How this rank's model computes, from the pool's config and the device. The cross-attention's keys
