@@ -55,6 +55,10 @@ def one(name: str, pool: PoolConfig, weights: dict, size: int, steps: int, arch)
     print(f"  {name:<28} {seconds:6.2f} s   start {f(row['start'])} stage {f(row['stage'])} weights "
           f"{f(row['weights'])} first step {f(row['first_step'])} other {f(row['other_steps'])}   "
           f"load {rt.get('load_phases')}  shared {s.get('weights', {}).get('shared', 0)}", flush=True)
+    if pool.compile and rt.get("compile_times"):
+        lines = str(rt["compile_times"]).splitlines()
+        print("    " + "\n    ".join(lines[:14]), flush=True)
+    row["compile_times"] = rt.get("compile_times")
     return row
 
 
@@ -73,7 +77,9 @@ def main(argv=None) -> int:
     print(f"handover: {sum(t.numel() * t.element_size() for t in cpu.values()) / 2**30:.2f} GiB in {len(cpu)} "
           f"tensors (fp16), {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}", flush=True)
     base = PoolConfig(devices=a.devices, dtype="fp16", compile=False)
-    rows = [one("file", PoolConfig(**{**base.to_dict(), "weights_transfer": "file"}), cpu, a.size, 2, arch),
+    file = PoolConfig(**{**base.to_dict(), "weights_transfer": "file"})
+    one("warm-up (page cache, GPU)", file, cpu, a.size, 2, arch)   # the machine's first GPU process reads cuDNN & co.
+    rows = [one("file", file, cpu, a.size, 2, arch),
             one("gpu (client copies, IPC)", base, cpu, a.size, 2, arch)]
     if a.devices.startswith("cuda"):
         resident = {k: v.to(a.devices.split(",")[0]) for k, v in cpu.items()}

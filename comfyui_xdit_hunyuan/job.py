@@ -73,12 +73,19 @@ class WeightsRef:
 
 @dataclass
 class SharedWeights:
-    """A whole model handed over in GPU memory: the client's tensors on the GPU of rank `rank` (key -> CUDA IPC
-    handle, as WeightDelta.shared holds them; `shapes`: key -> shape, for the ranks that receive them by
-    broadcast). The rank on that GPU copies each (device to device, into the workers' dtype), the others
-    receive it from that rank: no safetensors file, no copy through the host in the workers."""
-    handles: dict
-    shapes: dict
+    """A whole model handed over in GPU memory: every tensor's bytes in one buffer on the GPU of rank `rank`
+    (`handle`: its CUDA IPC handle, torch.multiprocessing's reduce_tensor arguments; `nbytes`: its size),
+    `entries`: key -> (byte offset, dtype, shape). The rank on that GPU opens the one handle and copies each
+    tensor out device to device in the workers' dtype; the others receive the buffer by one broadcast. No
+    file, no copy through the host in the workers, one IPC handle for the whole model.
+
+        >>> w = SharedWeights(handle=None, nbytes=512, entries={"a": (0, torch.float16, (2, 3))})
+        >>> w.entries["a"][2]
+        (2, 3)
+    """
+    handle: Any
+    nbytes: int
+    entries: dict
     rank: int = 0
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..job import Job, JobCancelled, JobError, PoolError, WeightsRef
+from ..job import Job, JobCancelled, JobError, PoolError, SharedWeights, WeightsRef
 from .. import compile_cache
 from ..config import PoolConfig, parse_devices
 from ..plan import ParallelConfig, PlanError
@@ -47,6 +47,7 @@ SETTLE_S = 10.0          # after one rank rejects a job (JobError), how long (at
 FAULT_GRACE_S = 0.5      # after a fault, how long to look for a dead rank that caused it
 SHUTDOWN_GRACE_S = 5.0   # close(): how long workers get to exit on their own before SIGKILL
 TAIL_LINES = 80
+SHARED_ALIGN = 256       # byte alignment of each tensor in a whole model's shared GPU buffer
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 
@@ -508,7 +509,7 @@ class PoolClient:
         if not isinstance(ref, WeightsRef):
             raise JobError(f"job.weights must be a WeightsRef(identity, source), got {type(ref).__name__}")
 
-        def stage(tensors, whole: bool = False) -> Staged:
+        def stage(tensors, whole: bool = False):
             if whole:
                 return self._stage_whole(tensors, staged)
             shared, rank = self._share(tensors, staged)
@@ -520,25 +521,35 @@ class PoolClient:
         self._wall["stage_seconds"] = time.perf_counter() - t0
         return replace(job, weights=WeightsRef(ref.identity, delta))
 
-    def _stage_whole(self, tensors: Mapping[str, torch.Tensor], staged: list) -> Staged:
-        """A whole model for the workers: in GPU memory (CUDA IPC) when config.weights_transfer is "auto" and
-        this process can use the GPU of a worker (the tensors are copied there unless they are on it already;
-        the workers then copy them device to device, far faster than reading a file), else one staged file."""
+    def _stage_whole(self, tensors: Mapping[str, torch.Tensor], staged: list):
+        """A whole model for the workers: SharedWeights (one buffer in GPU memory, by CUDA IPC) when
+        config.weights_transfer is "auto" and this process can use the GPU of a worker, else the path of one
+        staged safetensors file. The buffer is freed once every rank has read it."""
         rank = self._reachable_gpu_rank() if self.config.weights_transfer == "auto" else None
         if rank is not None:
-            device = torch.device(self.devices[rank])
             try:
-                on_gpu = {k: t.detach().to(device) for k, t in tensors.items()}
+                return self._share_whole(tensors, rank, staged)
             except torch.cuda.OutOfMemoryError:
-                self.log.warning("no room on %s for a copy of the weights to hand to the workers; staging them "
-                                 "in a file instead", device)
-            else:
-                shared, where = self._share(on_gpu, staged)
-                if where == rank and len(shared) == len(tensors):
-                    return Staged(shared=shared, shared_rank=rank)
                 staged[:] = [item for item in staged if isinstance(item, Path)]
-                del on_gpu
-        return Staged(files=[str(self._stage(tensors, staged))])
+                self.log.warning("no room on %s for a copy of the weights to hand to the workers; staging them in "
+                                 "a file instead", self.devices[rank])
+        return str(self._stage(tensors, staged))
+
+    def _share_whole(self, tensors: Mapping[str, torch.Tensor], rank: int, staged: list) -> SharedWeights:
+        from torch.multiprocessing.reductions import reduce_tensor
+        entries, offset = {}, 0
+        for key, t in tensors.items():
+            entries[key] = (offset, t.dtype, tuple(t.shape))
+            offset += -(-t.numel() * t.element_size() // SHARED_ALIGN) * SHARED_ALIGN
+        buffer = torch.empty(max(offset, 1), dtype=torch.uint8, device=self.devices[rank])
+        staged.append(buffer)                 # alive until every rank has read it
+        for key, t in tensors.items():
+            start, dtype, shape = entries[key]
+            n = t.numel() * t.element_size()
+            buffer[start:start + n].view(dtype).view(shape).copy_(t.detach())
+        torch.cuda.synchronize(buffer.device)
+        _, handle = reduce_tensor(buffer)
+        return SharedWeights(handle=handle, nbytes=buffer.numel(), entries=entries, rank=rank)
 
     def _reachable_gpu_rank(self) -> int | None:
         """The first rank whose GPU this process can use (the same device string here as in the workers)."""

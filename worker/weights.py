@@ -14,7 +14,7 @@ A job's WeightsRef becomes a WeightDelta (comfyui_xdit_hunyuan.job) for the work
   transfer.
 
     >>> t = HeldWeights(keep_bytes=1 << 20, itemsize=4)
-    >>> stage = lambda tensors, whole=False: Staged(files=[f"staged:{sorted(tensors)}"])
+    >>> stage = lambda tensors, whole=False: f"staged:{sorted(tensors)}" if whole else Staged(files=[f"staged:{sorted(tensors)}"])
     >>> src = Versioned({"a": torch.zeros(2), "b": torch.ones(2)}, {"a": 1, "b": 1})
     >>> d = t.plan(WeightsRef("m", src), stage)
     >>> d.base, t.commit()
@@ -45,7 +45,7 @@ class Staged:
     shared_rank: int = 0
 
 
-Stage = Callable[..., Staged]     # stage(tensors, whole=False): a whole load is one file or all shared
+Stage = Callable[..., Staged]     # stage(tensors): Staged; stage(tensors, whole=True): a file path or SharedWeights
 
 
 class Versioned(dict):
@@ -153,11 +153,9 @@ class HeldWeights:
         self.counts.update(whole=True, sent=len(tensors), sent_bytes=sum(_nbytes(t) for t in tensors.values()),
                            restored=0, unchanged=0)
         self._pending = _Pending(identity, versions, OrderedDict(), {k: tuple(t.shape) for k, t in tensors.items()})
-        staged = stage(tensors, whole=True)
-        if staged.shared:
-            shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-            return WeightDelta(base=SharedWeights(staged.shared, shapes, staged.shared_rank))
-        return WeightDelta(base=staged.files[0])
+        base = stage(tensors, whole=True)
+        self.counts["shared"] = len(tensors) if isinstance(base, SharedWeights) else 0
+        return WeightDelta(base=base)
 
     def commit(self) -> None:
         """The workers hold the planned weights."""

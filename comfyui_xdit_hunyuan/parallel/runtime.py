@@ -2,6 +2,7 @@
 mesh per set of degrees, and runs jobs with the Runner."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -128,6 +129,12 @@ class RankRuntime:
             self.graphs.clear()                     # they read the old weights' memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self._compiler is not None:
+            # torch.compile's modules are imported in the background from start-up, while the client stages
+            # the weights; the read waits for them: a thread importing holds the GIL for up to the switch
+            # interval each time the read releases it (every torch call), which made the read 10x slower
+            self._compiler.join()
+            self._compiler = None
         t = time.perf_counter()
         if isinstance(source, SharedWeights):
             source = self._receive_whole(source)
@@ -135,8 +142,6 @@ class RankRuntime:
         self.load_phases = {"read": time.perf_counter() - t}
         self.model.configure(self.compute_options())
         if self.pool.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager
-            if self._compiler is not None:
-                self._compiler.join()           # imported in the background since start-up
             self.model.compile_blocks(self.pool.compile_mode, any_size=self.pool.compile_any_size)
         self.load_phases["configure"] = time.perf_counter() - t - self.load_phases["read"]
         self.loads += 1
@@ -187,22 +192,24 @@ class RankRuntime:
                 dist.broadcast(params[key], src=delta.shared_rank)
 
     def _receive_whole(self, shared: SharedWeights) -> dict[str, torch.Tensor]:
-        """A whole model from the client's GPU memory (SharedWeights): the rank on that GPU copies each tensor
-        device to device into this pool's dtype, then broadcasts it to the other ranks (every rank walks the
-        keys in the same order)."""
+        """A whole model from the client's GPU memory (SharedWeights): the rank on that GPU opens its one
+        buffer, the others receive a copy of it by one broadcast; then every tensor is copied out of the buffer
+        in this pool's dtype (device to device) and the buffer is let go."""
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
         if self.device.type != "cuda":
             raise RuntimeError("the pool client shared GPU tensors with a CPU worker")
+        if self.rank == shared.rank:
+            buffer = rebuild_cuda_tensor(*shared.handle)
+        else:
+            buffer = torch.empty(shared.nbytes, dtype=torch.uint8, device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(buffer, src=shared.rank)
         out = {}
-        for key, args in shared.handles.items():
-            if self.rank == shared.rank:
-                src = rebuild_cuda_tensor(*args)
-                out[key] = src.to(self.dtype, copy=True)
-                del src                       # releases the client's memory (its IPC reference count)
-            else:
-                out[key] = torch.empty(shared.shapes[key], dtype=self.dtype, device=self.device)
-            if self.world_size > 1:
-                dist.broadcast(out[key], src=shared.rank)
+        for key, (offset, dtype, shape) in shared.entries.items():
+            n = math.prod(shape) * dtype.itemsize
+            out[key] = buffer[offset:offset + n].view(dtype).view(shape).to(self.dtype, copy=True)
+        torch.cuda.synchronize(self.device)
+        del buffer                            # releases the client's memory (its IPC reference count)
         return out
 
     def compute_options(self) -> ComputeOptions:
