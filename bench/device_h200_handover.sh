@@ -24,7 +24,7 @@ for part in "$@"; do
         tests/test_loading.py 2>&1 | tail -4
       echo "== hand-over of a whole model to a cold pool =="
       timeout 330 python3 bench/handover.py --devices cuda:0 --size 1024 --steps 50 --out "$out/handover.json" \
-        2>&1 | tee "$out/handover.log" | filter | tail -80 ;;
+        2>&1 | tee "$out/handover.log" | filter | tail -60; for f in "$out"/handover/*/rank0.txt; do echo "== $f"; head -75 "$f" | cut -c1-160; done ;;
     session)
       echo "== session (pack first, cold; then KSampler) =="
       COMFYUI_DIR=$PWD/.comfy timeout 560 python3 bench/session.py --devices all --preset full --size 1024 --steps 50 \

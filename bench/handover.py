@@ -20,6 +20,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
           f"tensors (fp16), {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}", flush=True)
     base = PoolConfig(devices=a.devices, dtype="fp16", compile=False)
     file = PoolConfig(**{**base.to_dict(), "weights_transfer": "file"})
-    one("warm-up (page cache, GPU)", file, cpu, a.size, 2, arch)   # the machine's first GPU process reads cuDNN & co.
+    first = one("warm-up (page cache, GPU)", file, cpu, a.size, 2, arch)   # the machine's first GPU process reads cuDNN & co.
     rows = [one("file", file, cpu, a.size, 2, arch),
             one("gpu (client copies, IPC)", base, cpu, a.size, 2, arch)]
     if a.devices.startswith("cuda"):
@@ -86,17 +87,22 @@ def main(argv=None) -> int:
         rows.append(one("resident (IPC)", base, resident, a.size, 2, arch))
         del resident
         torch.cuda.empty_cache()
-    cache = tempfile.mkdtemp(prefix="xdit-handover-cache-")
-    for graphs in ("all", "off"):
-        compiled = PoolConfig(**{**base.to_dict(), "compile": True, "cuda_graphs": graphs, "cache_dir": cache})
-        rows.append(one(f"compile cold, graphs {graphs}", compiled, cpu, a.size, a.steps, arch))
-        rows.append(one(f"compile warm, graphs {graphs}", compiled, cpu, a.size, a.steps, arch))
-        cache = tempfile.mkdtemp(prefix="xdit-handover-cache-")
+    compiled = PoolConfig(**{**base.to_dict(), "compile": True,
+                             "cache_dir": tempfile.mkdtemp(prefix="xdit-handover-cache-")})
+    rows.append(one("compile cold", compiled, cpu, a.size, a.steps, arch))
+    rows.append(one("compile warm", compiled, cpu, a.size, a.steps, arch))
+    profile = Path(a.out).with_suffix("")
+    rows.append(one("compile warm, profiled", replace(compiled, profile_dir=str(profile / "warm")), cpu, a.size,
+                    a.steps, arch))
+    cold = replace(compiled, cache_dir=tempfile.mkdtemp(prefix="xdit-handover-cache-"), profile_dir=str(profile / "cold"))
+    rows.append(one("compile cold, profiled", cold, cpu, a.size, a.steps, arch))
     ref = rows[0]["latent"]
     for r in rows[1:]:
-        if not r['case'].startswith(('gpu', 'resident')):
-            continue
-        print(f"  {r['case']}: latent equals the file case's: {torch.equal(r['latent'], ref)}")
+        same = r["latent"].shape == ref.shape and r["case"].startswith(("gpu", "resident"))
+        if same:
+            d = (r["latent"] - ref).abs().max().item()
+            print(f"  {r['case']}: latent equals the file case's: {torch.equal(r['latent'], ref)} (max |diff| {d:.3g})")
+    print(f"  file (second pool) vs warm-up (first): equal {torch.equal(rows[0]['latent'], first['latent'])}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps([{k: v for k, v in r.items() if k != "latent"} for r in rows], indent=1, default=str))

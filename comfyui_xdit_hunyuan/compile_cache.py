@@ -10,6 +10,9 @@ stack are never read), with `MANIFEST.json` naming that stack, `inductor/` and `
     >>> sorted(environment(folder))
     ['TORCHINDUCTOR_CACHE_DIR', 'TRITON_CACHE_DIR']
 
+and, where torch's bytecode is not cached (some images), `pycache/` for the workers' Python
+(`bytecode_environment`).
+
 A folder whose manifest is missing, unreadable or names another stack is moved aside with a warning and
 made anew; an entry inductor cannot read is recompiled by inductor itself (with its own warning).
 The root is PoolConfig.cache_dir: in ComfyUI `<ComfyUI user folder>/xdit_hunyuan/compile_cache`, elsewhere
@@ -84,6 +87,22 @@ def prepare(root: str | os.PathLike) -> Path:
 def environment(folder: Path) -> dict[str, str]:
     """The variables by which torch.compile and Triton find their caches (read when they compile)."""
     return {"TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "TRITON_CACHE_DIR": str(folder / "triton")}
+
+
+def bytecode_environment(folder: Path, probe: str | None = None) -> dict[str, str]:
+    """Where the workers' Python keeps compiled bytecode, when it would otherwise keep none for torch: some
+    images ship torch without .pyc files in a read-only folder, or set PYTHONDONTWRITEBYTECODE, and every
+    worker then compiles torch.compile's modules from source (5 s of each first image on the H200 image).
+    Then: `<folder>/pycache` (PYTHONPYCACHEPREFIX), written once, read by every later worker. Empty where
+    torch's bytecode is cached as usual (a pip install writes it), so nothing changes there. `probe`: the
+    module source to look for (default torch._dynamo's)."""
+    import importlib.util
+    if probe is None:
+        spec = importlib.util.find_spec("torch._dynamo")
+        probe = spec.origin if spec is not None else None
+    if not probe or os.path.exists(importlib.util.cache_from_source(probe)):
+        return {}
+    return {"PYTHONPYCACHEPREFIX": str(folder / "pycache"), "PYTHONDONTWRITEBYTECODE": ""}
 
 
 def size_bytes(folder: Path) -> int:

@@ -53,6 +53,8 @@ class PoolConfig:
     cache_dir: str | None = None     # the workers' persistent compile caches (None: their compilers' defaults)
     keep_weights_gib: float = 4.0    # per rank: replaced weight tensors kept aside, so that going back to
                                      # recent weights (a LoRA removed) needs no transfer
+    profile_dir: str | None = None   # diagnostics: each rank writes a cProfile summary of its first job there
+                                     # (rank<N>.txt; slows that job's Python code)
     auto_table: str | None = None    # the auto strategy's measured table (None: the shipped one); parent only
     weights_transfer: str = "auto"   # how a whole model reaches the workers; parent only. auto: in GPU memory
                                      # (CUDA IPC) where this process can use a worker's GPU, else one staged

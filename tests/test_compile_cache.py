@@ -87,3 +87,24 @@ def test_the_pool_gives_its_workers_the_folder_and_keeps_it_across_restarts(tmp_
             seen.append(client.last_stats["ranks"][0]["runtime"]["cache_env"])
     folder = compile_cache.prepare(tmp_path / "cache")
     assert seen[0] == seen[1] == compile_cache.environment(folder)
+
+
+def test_workers_get_a_bytecode_cache_only_where_torch_has_none(tmp_path):
+    """Where a module's bytecode is cached as usual, nothing changes; where it is not (a read-only image without
+    .pyc files, or PYTHONDONTWRITEBYTECODE set), the workers' Python writes its bytecode under the cache
+    folder, where the next worker reads it."""
+    import importlib.util
+    from comfyui_xdit_hunyuan import compile_cache
+    assert compile_cache.bytecode_environment(tmp_path) in ({}, {"PYTHONPYCACHEPREFIX": str(tmp_path / "pycache"),
+                                                                  "PYTHONDONTWRITEBYTECODE": ""})
+    src = tmp_path / "mod" / "probe_mod.py"
+    src.parent.mkdir()
+    src.write_text("VALUE = 3\n")
+    env = compile_cache.bytecode_environment(tmp_path, probe=str(src))
+    assert env == {"PYTHONPYCACHEPREFIX": str(tmp_path / "pycache"), "PYTHONDONTWRITEBYTECODE": ""}
+    run_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env, "PYTHONPATH": str(src.parent)}
+    subprocess.run([sys.executable, "-c", "import probe_mod"], env=run_env, check=True)
+    assert not (src.parent / "__pycache__").exists()
+    cached = list((tmp_path / "pycache").rglob("probe_mod*.pyc"))
+    assert len(cached) == 1
+    assert cached[0].name == os.path.basename(importlib.util.cache_from_source(str(src)))

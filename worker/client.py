@@ -237,7 +237,8 @@ class PoolClient:
         if not self.config.cache_dir:
             return {}
         try:
-            return compile_cache.environment(compile_cache.prepare(self.config.cache_dir))
+            folder = compile_cache.prepare(self.config.cache_dir)
+            return {**compile_cache.environment(folder), **compile_cache.bytecode_environment(folder)}
         except OSError as e:
             self.log.warning("xDiT pool: the compile cache folder %s cannot be used (%s); the workers use "
                              "their compilers' default caches", self.config.cache_dir, e)

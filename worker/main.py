@@ -85,6 +85,7 @@ class Worker:
         self.busy.set()                      # starting up counts as busy
         self._job_id = None
         self.runtime = None
+        self._profiled_once = False
         self.start_phases: dict = {}
 
     # ------------------------------------------------------------------ channel
@@ -208,7 +209,10 @@ class Worker:
 
         out: dict = {"id": job_id}
         try:
-            result = self.runtime.run(msg["job"], msg["plan"], report=report, cancel_requested=self.cancel.is_set)
+            run = lambda: self.runtime.run(msg["job"], msg["plan"], report=report,   # noqa: E731
+                                           cancel_requested=self.cancel.is_set)
+            folder = getattr(self.runtime, "pool", None) and self.runtime.pool.profile_dir
+            result = self._profiled(run, folder) if folder and not self._profiled_once else run()
             out.update(type=p.DONE, result=_to_cpu(result) if self.rank == 0 else None)
         except JobCancelled as e:
             out.update(type=p.CANCELLED, message=str(e) or "cancelled")
@@ -225,6 +229,23 @@ class Worker:
                                 "finished": time.time()}
         self.busy.clear()        # before the answer: the next job's message (which sets it) comes after
         self.send(out)
+
+    def _profiled(self, run, folder: str):
+        """run() under cProfile (the first job only, PoolConfig.profile_dir): the 60 functions with the most
+        cumulative time, to <folder>/rank<N>.txt."""
+        import cProfile
+        import io
+        import pstats
+        self._profiled_once = True
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(run)
+        finally:
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"rank{self.args.rank}.txt"), "w") as f:
+                f.write(text.getvalue())
 
     def _stats(self, seconds: float, step_seconds: list[float]) -> dict:
         rt = self.runtime
