@@ -125,12 +125,12 @@ def timed_job(runner: Runner, pixels: int, steps: int, scale: float):
     """A 3-step warm-up job (compiles; with graphs: plain call, record, replay), then the timed job:
     (latent, ms per step, warm-up seconds)."""
     warm = one_rank_job(pixels, 3)
-    warm.cfg = scale
+    warm.guidance = scale
     t0 = time.perf_counter()
     runner.run(warm)
     first = time.perf_counter() - t0
     job = one_rank_job(pixels, steps)
-    job.cfg = scale
+    job.guidance = scale
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = runner.run(job)

@@ -53,7 +53,7 @@ def bench_job(arch, pixels: int, steps: int, seed: int, weights: WeightsRef) -> 
     hw = (pixels, pixels)
     return Job(weights=weights, positive=[random_cond(arch, 1, hw=hw)], negative=[random_cond(arch, 2, hw=hw)],
                latent=lat, noise=sampling.prepare_noise(lat, seed),
-               sigmas=sampling.calculate_sigmas(ms, "normal", steps), sampler="euler", cfg=GUIDANCE, seed=seed)
+               sigmas=sampling.calculate_sigmas(ms, "normal", steps), sampler="euler", guidance=GUIDANCE, seed=seed)
 
 
 def measure(client, job: Job, plan: ParallelConfig, repeats: int) -> dict:

@@ -111,17 +111,17 @@ def validate_job(job: Job, plan: ParallelConfig, cfg: HunyuanDiTConfig) -> list:
             n = job.step_noises[i] if i < len(job.step_noises) else None
             if not isinstance(n, torch.Tensor) or n.shape != lat.shape:
                 raise JobError(f"step_noises[{i}] must be a tensor of the latent's shape {tuple(lat.shape)}")
-    if not math.isfinite(job.cfg):
-        raise JobError("{cfg} {value} is not a finite number", field="cfg", value=job.cfg)
+    if not math.isfinite(job.guidance):
+        raise JobError("{guidance} {value} is not a finite number", field="guidance", value=job.guidance)
     batch = lat.shape[0]
     if not job.positive:
         raise JobError("the positive conditioning is empty; connect a CLIPTextEncode")
     if job.uses_uncond() and not job.negative:
-        raise JobError("the negative conditioning is empty but {cfg} != 1 needs it; connect a CLIPTextEncode "
+        raise JobError("the negative conditioning is empty but {guidance} != 1 needs it; connect a CLIPTextEncode "
                        "(an empty prompt is fine)", field="negative")
     for which, entries in (("positive", job.positive), ("negative", job.negative)):
         check_conditioning(entries, which, cfg, batch)
-    warnings = check_job(plan, steps=len(sig) - 1, latent_hw=tuple(lat.shape[2:]), cfg_scale=job.cfg,
+    warnings = check_job(plan, steps=len(sig) - 1, latent_hw=tuple(lat.shape[2:]), guidance=job.guidance,
                          patch_size=cfg.patch_size)
     job.checked = (plan, cfg)
     return warnings

@@ -19,9 +19,9 @@ class JobError(Message, ValueError):
     input names it (`field`) and writes inputs as {placeholders}, so a front end words it as its own inputs
     (render); a message given alone is a plain sentence, its braces literal.
 
-    >>> e = JobError("{cfg} {value} is not a finite number", field="cfg", value=float("nan"))
-    >>> str(e), e.render({"cfg": "--cfg"}), str(JobError("a {literal} brace"))
-    ('cfg nan is not a finite number', '--cfg nan is not a finite number', 'a {literal} brace')
+    >>> e = JobError("{guidance} {value} is not a finite number", field="guidance", value=float("nan"))
+    >>> str(e), e.render({"guidance": "--cfg"}), str(JobError("a {literal} brace"))
+    ('guidance nan is not a finite number', '--cfg nan is not a finite number', 'a {literal} brace')
     """
 
     def __init__(self, message: str, field: str | None = None, **values):
@@ -127,7 +127,7 @@ class Job:
     noise: torch.Tensor                # [B, 4, h, w] initial noise (ComfyUI prepare_noise), float32
     sigmas: torch.Tensor               # [steps + 1] float, descending, last usually 0
     sampler: str = "euler"
-    cfg: float = 5.0
+    guidance: float = 5.0              # the classifier-free guidance scale (KSampler's and the CLI's cfg)
     seed: int = 0                      # for the noise of ancestral / SDE samplers
     sampler_options: dict = field(default_factory=dict)
     step_noises: list | None = None    # optional per-step noise tensors (e.g. ComfyUI's own noise sampler)
@@ -142,8 +142,8 @@ class Job:
         return len(self.sigmas) - 1
 
     def uses_uncond(self) -> bool:
-        """ComfyUI skips the unconditional pass when cfg is 1."""
-        return not math.isclose(self.cfg, 1.0)
+        """ComfyUI skips the unconditional pass when the guidance scale (its cfg) is 1."""
+        return not math.isclose(self.guidance, 1.0)
 
 
 class JobCancelled(Exception):

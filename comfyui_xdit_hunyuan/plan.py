@@ -4,9 +4,9 @@
 job to the next on a warm pool (config.PoolConfig holds what the worker processes are started with).
 Two levels of checks:
 - `ParallelConfig.validate()`: the degrees alone (and the model's head count and depth);
-- `resolve()` / `check_job()`: against the device count and one job (steps, latent size, cfg).
+- `resolve()` / `check_job()`: against the device count and one job (steps, latent size, guidance scale).
 Every error is a PlanError that says what to change and names the input it concerns, so a front end can
-say it in its own words (the command line's flags):
+say it in its own words (the command line's flags, the nodes' input names):
 
     >>> e = PlanError("{cfg_degree} must be 1 or 2, got {value}", field="cfg_degree", value=3)
     >>> str(e), e.render({"cfg_degree": "--cfg-degree"})
@@ -194,7 +194,7 @@ def resolve(config: ParallelConfig, devices: str, n_devices: int, latent_hw: tup
     return config
 
 
-def check_job(config: ParallelConfig, *, steps: int, latent_hw: tuple[int, int], cfg_scale: float,
+def check_job(config: ParallelConfig, *, steps: int, latent_hw: tuple[int, int], guidance: float,
               patch_size: int = 2) -> list[Message]:
     """Check a resolved config against one job. Returns warnings (Messages; str() words them); raises
     PlanError for what cannot run."""
@@ -227,8 +227,9 @@ def check_job(config: ParallelConfig, *, steps: int, latent_hw: tuple[int, int],
             warnings.append(Message("{warmup_steps} {value} == {steps} {value}: every step runs synchronously, so "
                                     "PipeFusion gives no overlap (results equal the serial run)",
                                     field="warmup_steps", value=steps))
-    if config.cfg_degree == 2 and math.isclose(cfg_scale, 1.0):
-        warnings.append(Message("{cfg} is 1.0, so there is no negative-prompt pass: with {cfg_degree} 2 both halves "
-                                "compute the positive prompt and half the devices are wasted; set {cfg_degree} 1",
+    if config.cfg_degree == 2 and math.isclose(guidance, 1.0):
+        warnings.append(Message("{guidance} is 1.0, so there is no negative-prompt pass: with {cfg_degree} 2 both "
+                                "halves compute the positive prompt and half the devices are wasted; set "
+                                "{cfg_degree} 1",
                                 field="cfg_degree"))
     return warnings

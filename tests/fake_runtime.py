@@ -32,8 +32,8 @@ def file_sums(path) -> dict[str, float]:
 
 
 def step(x: torch.Tensor, sigma: float, sigma_next: float, collective: float, weight: float,
-         cfg: float) -> torch.Tensor:
-    return x * (1.0 - 0.1 * (sigma - sigma_next)) + 0.01 * collective + 1e-3 * weight * cfg
+         guidance: float) -> torch.Tensor:
+    return x * (1.0 - 0.1 * (sigma - sigma_next)) + 0.01 * collective + 1e-3 * weight * guidance
 
 
 def expected_latent(job: Job, world_size: int, weight: float) -> torch.Tensor:
@@ -41,7 +41,7 @@ def expected_latent(job: Job, world_size: int, weight: float) -> torch.Tensor:
     x = job.noise.clone().float()
     for i in range(job.steps):
         x = step(x, float(job.sigmas[i]), float(job.sigmas[i + 1]), world_size * (world_size + 1) / 2, weight,
-                 job.cfg)
+                 job.guidance)
     return x + job.latent
 
 
@@ -114,7 +114,7 @@ class FakeRuntime:
             if self._all_reduce(float(cancel_requested()), dist.ReduceOp.MAX) > 0:
                 raise JobCancelled(f"cancelled after step {i} of {total}")
             x = step(x, float(job.sigmas[i]), float(job.sigmas[i + 1]), self._all_reduce(self.rank + 1.0),
-                     self.weight, job.cfg)
+                     self.weight, job.guidance)
             if self.rank == 0:
                 show = job.preview_every and (i + 1) % job.preview_every == 0
                 report({"type": "progress", "step": i + 1, "total": total,

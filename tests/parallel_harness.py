@@ -27,7 +27,7 @@ from comfyui_xdit_hunyuan.tiny import preset, random_cond, random_model
 PRESET, SEED = "tiny", 0
 
 
-def make_job(h=16, w=16, steps=3, sampler="euler", cfg=5.0, seed=7, negative=None, positive=None,
+def make_job(h=16, w=16, steps=3, sampler="euler", guidance=5.0, seed=7, negative=None, positive=None,
              scheduler="normal") -> Job:
     c = preset(PRESET)
     ms = sampling.DiscreteVSampling.for_model(c)
@@ -36,7 +36,8 @@ def make_job(h=16, w=16, steps=3, sampler="euler", cfg=5.0, seed=7, negative=Non
                positive=positive or [random_cond(c, 1, hw=(8 * h, 8 * w))],
                negative=negative or [random_cond(c, 2, bert_len=c.text_len + 3, hw=(8 * h, 8 * w))],
                latent=lat, noise=sampling.prepare_noise(lat, seed),
-               sigmas=sampling.calculate_sigmas(ms, scheduler, steps), sampler=sampler, cfg=cfg, seed=seed)
+               sigmas=sampling.calculate_sigmas(ms, scheduler, steps), sampler=sampler, guidance=guidance,
+               seed=seed)
 
 
 def _free_port() -> int:
@@ -123,7 +124,7 @@ def serial_reference(job: Job) -> torch.Tensor:
             acc = sum(ms.calculate_denoised(s, model(ms.calculate_input(s, xe), t, **e.model_kwargs()), xe)
                       * e.strength for e in entries)
             preds.append(acc / sum(e.strength for e in entries))
-        return preds[0] + (preds[1] - preds[0]) * job.cfg
+        return preds[0] + (preds[1] - preds[0]) * job.guidance
 
     x = sampling.sample(denoise, x, job.sigmas, job.sampler, noise=job.seed, options=job.sampler_options)
     return sampling.final_latent(ms, job.sigmas, x)
@@ -189,7 +190,7 @@ def pipefusion_reference(job: Job, patches: int, warmup: int) -> torch.Tensor:
                                          rows=(starts[view[0]], starts[view[-1]] + sizes[view[-1]]))
                     acc = acc + ms.calculate_denoised(s, v, xe) * entry.strength
                 preds.append(acc / sum(e.strength for e in side))
-            den = preds[0] + (preds[1] - preds[0]) * job.cfg
+            den = preds[0] + (preds[1] - preds[0]) * job.guidance
             a0 = rows[view[0]][0]
             for m in view:
                 a, b = rows[m]

@@ -230,13 +230,13 @@ def test_job_errors_about_an_input_carry_its_field():
     good = dict(weights=WeightsRef("x", "random:0:tiny"), positive=[random_cond(arch, 1)],
                 negative=[random_cond(arch, 2)], latent=latent, noise=latent, sigmas=torch.tensor([1.0, 0.0]))
     plan = ParallelConfig("manual")
-    for change, words in (({"cfg": float("nan")}, "--cfg nan is not a finite number"),
+    for change, words in (({"guidance": float("nan")}, "--cfg nan is not a finite number"),
                           ({"sampler": "bogus"}, "--sampler-name 'bogus' is not supported by the workers"),
                           ({"sigmas": torch.tensor([1.0])}, "use --steps >= 1")):
         with pytest.raises(JobError) as e:
             validate_job(Job(**{**good, **change}), plan, arch)
         assert words in cli.in_option_words(e.value), cli.in_option_words(e.value)
-        assert str(e.value) == e.value.render()          # the engine's own words for the node
+        assert str(e.value) == e.value.render()          # the engine's own words
 
 
 def test_help_shows_the_node_input_names(capsys):

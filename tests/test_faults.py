@@ -116,7 +116,8 @@ def _children() -> list[int]:
 def test_fifty_jobs_each_equal_the_job_alone_and_nothing_leaks():
     samplers = ["euler", "euler_ancestral", "dpmpp_2m", "heun", "dpmpp_2m_sde", "lcm", "ddim"]
     sizes = [(16, 16), (18, 14), (12, 20), (17, 15)]
-    jobs = [make_job(*sizes[i % 4], steps=2 + i % 3, sampler=samplers[i % 7], seed=100 + i, cfg=1.0 + i % 6)
+    jobs = [make_job(*sizes[i % 4], steps=2 + i % 3, sampler=samplers[i % 7], seed=100 + i,
+                     guidance=1.0 + i % 6)
             for i in range(50)]
     configs = [ParallelConfig(cfg_degree=2), ParallelConfig(ulysses_degree=2)]
     expected = run_on_mesh(ParallelConfig(), jobs)                # each job in a fresh serial runner

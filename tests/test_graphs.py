@@ -29,9 +29,9 @@ def _run(rt, job):
 def test_graphed_runs_equal_plain_runs_across_jobs_and_shapes():
     other_prompt = [random_cond(preset(PRESET), 11, hw=(128, 128))]
     jobs = [make_job(steps=4, seed=1),
-            make_job(steps=4, seed=2, cfg=3.0, positive=other_prompt),              # same shape, new prompt
+            make_job(steps=4, seed=2, guidance=3.0, positive=other_prompt),         # same shape, new prompt
             make_job(h=16, w=24, steps=3, seed=3),                                  # another shape
-            make_job(steps=3, seed=4, cfg=1.0),                                     # no uncond: batch 1
+            make_job(steps=3, seed=4, guidance=1.0),                                # no uncond: batch 1
             make_job(steps=4, seed=5)]                                              # the first shape again
     plain = [_run(_runtime(None), j) for j in jobs]
     rec = ReplayOnBuffers()

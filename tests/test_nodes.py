@@ -659,7 +659,7 @@ def test_sampler_runs_a_job_and_returns_a_latent_like_ksampler(tiny_dm, caplog):
         out = _run(backend, tiny_dm)
     assert out["batch_index"] == [0] and torch.equal(out["samples"], torch.ones(1, 4, 8, 8))
     (job, plan), = pool.jobs
-    assert isinstance(job, Job) and job.sampler == "euler" and job.cfg == 5.0 and job.seed == 7
+    assert isinstance(job, Job) and job.sampler == "euler" and job.guidance == 5.0 and job.seed == 7
     assert job.steps == 3 and job.step_noises is None and plan.world_size == 2
     assert torch.equal(job.noise, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7)))
     assert ("progress", 3, "5") in backend.calls and ("step", 1, 3) in backend.calls
@@ -707,6 +707,24 @@ def test_bad_input_is_rejected_before_any_pool_work(tiny_dm, change, exc, words)
 def test_non_finite_sigmas_are_rejected(tiny_dm):
     with pytest.raises(JobError, match="non-finite sigmas"):
         _run(FakeBackend(FakePool(), sigmas=torch.tensor([float("nan"), 0.0])), tiny_dm, steps=1)
+
+
+def test_the_engines_words_reach_the_node_in_its_input_names(tiny_dm, caplog, monkeypatch):
+    """The engine calls the guidance scale `guidance`; the node's warnings and errors say cfg, KSampler's name."""
+    with caplog.at_level(logging.WARNING, logger="xdit_hunyuan"):
+        _run(FakeBackend(FakePool()), tiny_dm, cfg=1.0)                 # cfg_degree 2 with no negative pass
+    assert "xDiT: cfg is 1.0, so there is no negative-prompt pass: with cfg_degree 2 both halves" in caplog.text
+    assert "guidance" not in caplog.text
+
+    from comfyui_xdit_hunyuan.adapter import sampler as flow
+
+    def reject(job, plan, arch):
+        raise JobError("{guidance} {value} is not a finite number", field="guidance", value=float("nan"))
+    monkeypatch.setattr(flow, "validate_job", reject)
+    pool = FakePool()
+    with pytest.raises(JobError) as e:
+        _run(FakeBackend(pool), tiny_dm)
+    assert str(e.value) == "cfg nan is not a finite number" and e.value.field == "guidance" and not pool.jobs
 
 
 def test_pool_outcomes_become_node_errors(tiny_dm):

@@ -40,7 +40,7 @@ def make_job(identity: str = "w", source="random:3", steps: int = 4, preview_eve
     g = torch.Generator().manual_seed(len(identity) + steps)
     return Job(WeightsRef(identity, source), [], [], latent=torch.randn(1, 4, 8, 8, generator=g),
                noise=torch.randn(1, 4, 8, 8, generator=g), sigmas=torch.linspace(1.0, 0.0, steps + 1),
-               cfg=4.0, sampler_options=options, preview_every=preview_every)
+               guidance=4.0, sampler_options=options, preview_every=preview_every)
 
 
 def alive(pid: int) -> bool:

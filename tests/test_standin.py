@@ -141,7 +141,7 @@ RECORDED = {"cfg2": dict(cfg_degree=2), "ulysses2": dict(ulysses_degree=2), "rin
 @pytest.mark.parametrize("name", list(RECORDED))
 def test_a_standin_rank_does_the_work_of_a_real_rank(name, tmp_path, monkeypatch):
     plan = ParallelConfig(**RECORDED[name])
-    jobs = [make_job(18, 14, steps=2), make_job(16, 16, steps=2, cfg=1.0)]      # 9 x 7 tokens; cfg 1
+    jobs = [make_job(18, 14, steps=2), make_job(16, 16, steps=2, guidance=1.0)]  # 9 x 7 tokens; cfg 1
     mp.spawn(_recording_rank, args=(plan.world_size, _free_port(), plan, jobs, str(tmp_path)),
              nprocs=plan.world_size)
     for rank in range(plan.world_size):

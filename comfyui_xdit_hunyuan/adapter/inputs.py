@@ -157,3 +157,15 @@ OPTION_SOURCES: dict[str, Callable[[], list[str]]] = {
 
 def resolve_options(spec: InputSpec) -> list:
     return list(spec.options) if spec.options_from is None else OPTION_SOURCES[spec.options_from]()
+
+
+# The engine's input names (the `field` and {placeholders} of its messages: plan.Message, PlanError, JobError)
+# that are not these nodes' input names: the engine's `guidance` is KSampler's (and this sampler's) `cfg`. The
+# others (steps, seed, cfg_degree, ...) are the nodes' own names.
+ENGINE_NAMES = {"guidance": "cfg"}
+
+
+def in_input_words(message) -> str:
+    """An engine message in these nodes' input names; other text as it is."""
+    render = getattr(message, "render", None)
+    return render(ENGINE_NAMES) if render is not None else str(message)

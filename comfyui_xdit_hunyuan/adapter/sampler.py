@@ -20,9 +20,10 @@ from ..checks import validate_job
 from ..config import PoolConfig, RunConfig, parse_devices
 from ..job import CondEntry, Job, JobCancelled, JobError, PoolError
 from ..model.config import HunyuanDiTConfig
-from ..plan import ParallelConfig, load_table, resolve
+from ..plan import ParallelConfig, PlanError, load_table, resolve
 from .backend import ComfyBackend
 from .conditioning import convert_conditioning
+from .inputs import in_input_words
 from .latent import convert_latent
 from .model import check_model, compute_dtype
 from .samplers import check_sampler_inputs, noise_plan
@@ -93,8 +94,20 @@ def build_job(model, seed: int, cfg: float, latent_image: Mapping, p: Prepared, 
         step_noises = backend.step_noises(model, kind, tuple(p.samples.shape), p.sigmas, seed, steps)
     return Job(weights=backend.weights(model), positive=p.positive, negative=p.negative, latent=p.samples,
                noise=noise.to("cpu", torch.float32).contiguous(), sigmas=p.sigmas, sampler=p.engine_sampler,
-               cfg=float(cfg), seed=int(seed), step_noises=step_noises, preview_every=1 if previews else 0,
+               guidance=float(cfg), seed=int(seed), step_noises=step_noises, preview_every=1 if previews else 0,
                job_id=uuid.uuid4().hex[:12])
+
+
+def gate(job: Job, p: Prepared) -> list[str]:
+    """checks.validate_job, its errors and warnings in the nodes' input names (the engine's guidance is cfg)."""
+    try:
+        warnings = validate_job(job, p.plan, p.arch)
+    except (JobError, PlanError) as e:
+        words = in_input_words(e)
+        if words == str(e):
+            raise
+        raise type(e)("{words}", field=e.field, words=words) from e
+    return [in_input_words(w) for w in warnings]
 
 
 def run_sampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
@@ -112,7 +125,7 @@ def run_sampler(model, seed, steps, cfg, sampler_name, scheduler, positive, nega
     progress = backend.progress(model, len(p.sigmas) - 1, node_id)
     job = build_job(model, seed, cfg, latent_image, p, backend=backend,
                     previews=getattr(progress, "wants_previews", False))
-    for w in validate_job(job, p.plan, p.arch):      # before the pool: a bad job never costs a pool restart
+    for w in gate(job, p):                           # before the pool: a bad job never costs a pool restart
         log.warning("xDiT: %s", w)
     pool = backend.get_pool(pool_config(parallel.pool, model, backend))
     log.info("xDiT: %s, %d steps %s on %s, latent %s", p.engine_sampler, job.steps, p.plan.describe(),
@@ -123,7 +136,7 @@ def run_sampler(model, seed, steps, cfg, sampler_name, scheduler, positive, nega
         backend.raise_interrupted()
         raise
     except JobError as e:
-        raise JobError(f"the xDiT workers rejected the job: {e}") from e
+        raise JobError(f"the xDiT workers rejected the job: {in_input_words(e)}") from e
     except PoolError as e:
         raise PoolError(f"the xDiT worker pool failed: {e} (it is restarted for the next run)") from e
     finally:

@@ -77,7 +77,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return c
 
     job = Job(weights=model.weights, positive=[cond(1, 0.6)], negative=[cond(2, 0.2)], latent=latent, noise=noise,
-              sigmas=sigmas, sampler=s.sampler, cfg=s.guidance, seed=s.seed, preview_every=s.preview_every,
+              sigmas=sigmas, sampler=s.sampler, guidance=s.guidance, seed=s.seed, preview_every=s.preview_every,
               job_id="demo")
     preflight(s, job, arch)
     prepare_out(s)

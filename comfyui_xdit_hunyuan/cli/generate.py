@@ -75,7 +75,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     def job(positive, negative) -> Job:
         return Job(weights=weights, positive=[positive], negative=[negative], latent=latent, noise=noise,
-                   sigmas=sigmas, sampler=s.sampler, cfg=s.guidance, seed=s.seed, preview_every=s.preview_every,
+                   sigmas=sigmas, sampler=s.sampler, guidance=s.guidance, seed=s.seed, preview_every=s.preview_every,
                    job_id="generate")
 
     # the job with conditioning of the encoders' shapes: checked now, before the workers start

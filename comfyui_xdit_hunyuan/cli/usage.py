@@ -26,8 +26,8 @@ OPTION_NAMES = {
     "ulysses_degree": "--ulysses-degree", "ring_degree": "--ring-degree", "pipefusion_degree": "--pipefusion-degree",
     "num_pipeline_patch": "--num-pipeline-patch", "warmup_steps": "--warmup-steps", "attention": "--attention",
     "dtype": "--dtype", "compile": "--compile",
-    "seed": "--seed", "steps": "--steps", "cfg": "--cfg", "sampler": "--sampler-name", "sampler_name": "--sampler-name",
-    "scheduler": "--scheduler",
+    "seed": "--seed", "steps": "--steps", "guidance": "--cfg", "sampler": "--sampler-name",
+    "sampler_name": "--sampler-name", "scheduler": "--scheduler",
 }
 
 

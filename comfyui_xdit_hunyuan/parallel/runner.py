@@ -329,7 +329,7 @@ class Runner:
         if not st.use_uncond:
             return cond
         uncond = acc[0] / w[0]
-        return uncond + (cond - uncond) * st.job.cfg
+        return uncond + (cond - uncond) * st.job.guidance
 
     def _progress(self, st: JobState, step: int, steps: int):
         job, preview = st.job, None
