@@ -3,7 +3,7 @@
 # IPC, side by side; the first step with the compile cache cold and warm, CUDA graphs on and off), the GPU
 # tests, then the artist session (bench/session.py, the node's entry vs KSampler on the same MODEL).
 #
-#   bash bench/device_h200_handover.sh OUT PART...      PART: handover | session
+#   bash bench/device_h200_handover.sh OUT PART...      PART: handover | session | background
 #
 # Carry .comfywhl (av, torchsde, trampoline wheels) and .comfy (a ComfyUI 0.3.64 tree; session only). Each part
 # installs what it needs, so the two parts may go in two calls (each well inside a call's 10 minutes).
@@ -30,6 +30,10 @@ for part in "$@"; do
       COMFYUI_DIR=$PWD/.comfy timeout 560 python3 bench/session.py --devices all --preset full --size 1024 --steps 50 \
         --verbose --out "$out/session" 2>&1 | tee "$out/session.log" | filter \
         | grep -E "^  (pack|KSampler)|^    start|ready on|^[a-z].*[0-9]" | tail -60 ;;
+    background)
+      echo "== GPU tests: compiling in the background, weights over CUDA IPC =="
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_background_compile.py \
+        tests/test_weight_updates.py 2>&1 | tail -4 ;;
     *) echo "unknown part $part" ;;
   esac
 done

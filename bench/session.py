@@ -133,6 +133,7 @@ def run_pack(events, neg, a, cache_dir: str) -> list[dict]:
         out.append({"event": e["name"], "seconds": seconds, "latent": latent["samples"],
                     "weights": stats.get("weights"), "job_seconds": stats.get("job_seconds"),
                     "client_seconds": stats.get("client_seconds"), "weights_seconds": rt.get("weights_seconds"),
+                    "eager": stats.get("eager"),
                     "first_step_seconds": steps[0] if steps else None,
                     "other_steps_seconds": sum(steps[1:]) if steps else None,
                     "ranks": [{k: r.get(k) for k in ("device", "gpu_allocated_bytes", "gpu_reserved_bytes",
@@ -145,7 +146,8 @@ def run_pack(events, neg, a, cache_dir: str) -> list[dict]:
         print(f"  pack      {e['name']:<24} {seconds:7.2f} s   start {_s(c.get('start_seconds'))} stage "
               f"{_s(c.get('stage_seconds'))} weights {_s(rt.get('weights_seconds'))} first step "
               f"{_s(steps[0] if steps else None)} other steps {_s(sum(steps[1:]) if steps else None)}   "
-              f"{stats.get('weights')}", flush=True)
+              f"{stats.get('weights')}{'  eager (compiling in the background)' if stats.get('eager') else ''}",
+              flush=True)
     return out
 
 

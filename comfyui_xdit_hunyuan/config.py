@@ -12,6 +12,7 @@ whoever builds the config in the parent process, never inside the workers:
                                           interpreter; tests)
     XDIT_HUNYUAN_COMPILE_MODE=MODE        compile_mode (torch.compile's mode)
     XDIT_HUNYUAN_COMPILE_ANY_SIZE=0|1     compile_any_size
+    XDIT_HUNYUAN_BACKGROUND_COMPILE=0|1   background_compile
     XDIT_HUNYUAN_AUTO_TABLE=PATH          auto_table (the measured table of the auto strategy)
     XDIT_HUNYUAN_CACHE_DIR=PATH           cache_dir (the workers' compile caches)
     XDIT_HUNYUAN_WEIGHTS_TRANSFER=auto|file   weights_transfer (how a whole model reaches the workers)
@@ -51,6 +52,10 @@ class PoolConfig:
                                      # communicate (Ulysses / Ring); "off"
     fused_kernels: str = "auto"      # the Triton kernels of model/kernels.py: "auto" on GPUs, "on", "off"
     cache_dir: str | None = None     # the workers' persistent compile caches (None: their compilers' defaults)
+    background_compile: bool = True  # GPU, compile on, with a cache_dir: while the compile cache holds nothing
+                                     # for a model and plan, its jobs run eager and a helper process compiles
+                                     # the same code into the cache; the workers compile (from the cache) at
+                                     # the first job after the helper is done
     keep_weights_gib: float = 4.0    # per rank: replaced weight tensors kept aside, so that going back to
                                      # recent weights (a LoRA removed) needs no transfer
     profile_dir: str | None = None   # diagnostics: each rank writes a cProfile summary of its first job there
@@ -99,6 +104,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict:
     any_size = environ.get(ENV_PREFIX + "COMPILE_ANY_SIZE")
     if any_size is not None:
         out["compile_any_size"] = any_size.strip().lower() not in _OFF
+    background = environ.get(ENV_PREFIX + "BACKGROUND_COMPILE")
+    if background is not None:
+        out["background_compile"] = background.strip().lower() not in _OFF
     kernels = environ.get(ENV_PREFIX + "FUSED_KERNELS")
     if kernels is not None:
         out["fused_kernels"] = "off" if kernels.strip().lower() in _OFF else "on"

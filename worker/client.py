@@ -9,7 +9,6 @@ killed and the next run() starts a fresh pool. See worker/protocol.py for the me
 """
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
@@ -21,24 +20,28 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import AuthenticationError, Connection
 from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
-from ..job import Job, JobCancelled, JobError, PoolError, SharedWeights, WeightsRef
+from ..job import Job, JobCancelled, JobError, PoolError, WeightsRef
 from .. import compile_cache
 from ..config import PoolConfig, parse_devices
 from ..plan import ParallelConfig, PlanError
 
 from . import protocol as P
 from .processes import describe_exit, kill_group, own_process_group, private_dir, spawn, sweep_stale_dirs
-from .weights import HeldWeights, Staged
+from .registry import _clients, close_pools_on_sigterm, get_pool, shutdown_all
+from .background import BackgroundCompile
+from .staging import JobStaging
+from .weights import HeldWeights
+
+__all__ = ["PoolClient", "get_pool", "shutdown_all", "close_pools_on_sigterm"]   # the registry's, re-exported
 
 WORKER_MODULE = __package__ + ".main"     # run as `python -m`: the pack's own modules, never another `worker`
 POLL_S = 0.05            # how often run() looks at cancel(), exits and heartbeats
@@ -47,7 +50,6 @@ SETTLE_S = 10.0          # after one rank rejects a job (JobError), how long (at
 FAULT_GRACE_S = 0.5      # after a fault, how long to look for a dead rank that caused it
 SHUTDOWN_GRACE_S = 5.0   # close(): how long workers get to exit on their own before SIGKILL
 TAIL_LINES = 80
-SHARED_ALIGN = 256       # byte alignment of each tensor in a whole model's shared GPU buffer
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 
@@ -100,6 +102,7 @@ class PoolClient:
         self._accept_stop = threading.Event()
         self._accept_thread: threading.Thread | None = None
         self._accepted: queue.Queue = queue.Queue()
+        self._background = BackgroundCompile(config, [], None, "", python, {}, self.log)   # made per start
         self._weights = HeldWeights(keep_bytes=int(config.keep_weights_gib * (1 << 30)), itemsize=self._itemsize())
         self._model_configs: dict = {}       # weights identity -> HunyuanDiTConfig (for job checks)
         self._job_id = 0
@@ -205,7 +208,9 @@ class PoolClient:
                                                      self._accept_stop))
         self._accept_thread.start()
         world = len(devices)
-        cache_env = self._cache_env()
+        cache_folder, cache_env = self._cache_env()
+        self._background = BackgroundCompile(self.config, devices, cache_folder, self._tmp, self.python, cache_env,
+                                             self.log)
         common = ["--world-size", str(world), "--family", family, "--address", address,
                   "--init-method", Path(self._tmp, "rendezvous").as_uri(),
                   "--config", json.dumps(self.config.to_dict()), "--runtime", self.runtime,
@@ -231,18 +236,18 @@ class PoolClient:
                 t.start()
                 w.threads.append(t)
 
-    def _cache_env(self) -> dict[str, str]:
-        """Where the workers' compilers keep their caches (config.cache_dir; none: their own defaults). Made
-        here, once, before any worker starts."""
+    def _cache_env(self) -> tuple[Path | None, dict[str, str]]:
+        """(folder, variables): where the workers' compilers keep their caches (config.cache_dir; none: their
+        own defaults). Made here, once, before any worker starts."""
         if not self.config.cache_dir:
-            return {}
+            return None, {}
         try:
             folder = compile_cache.prepare(self.config.cache_dir)
-            return {**compile_cache.environment(folder), **compile_cache.bytecode_environment(folder)}
+            return folder, {**compile_cache.environment(folder), **compile_cache.bytecode_environment(folder)}
         except OSError as e:
             self.log.warning("xDiT pool: the compile cache folder %s cannot be used (%s); the workers use "
                              "their compilers' default caches", self.config.cache_dir, e)
-            return {}
+            return None, {}
 
     def _accept(self, listener, expected: int, out: queue.Queue, stop: threading.Event) -> None:
         """Accept `expected` authenticated workers; each must say hello right after the handshake."""
@@ -350,7 +355,8 @@ class PoolClient:
             if starting:                      # the workers start while the weights are staged
                 self._begin_start()
             self._job_id += 1
-            staged: list = []                 # files and shared GPU tensors of this job
+            staged = JobStaging(self.devices, self.config.weights_transfer, self._stage_dir, self._job_id,
+                                self.log)
             try:
                 wire = self._wire_job(job, staged)
                 if starting:
@@ -358,19 +364,23 @@ class PoolClient:
                     self._finish_start()
                     self._wall["start_wait_seconds"] = time.perf_counter() - t0
                     self._wall["start_seconds"] = time.perf_counter() - t_start
-                return self._run(self._job_id, wire, plan, staged, on_progress, cancel)
+                arch = self._model_configs.get(job.weights.identity)
+                eager = self._background.eager(job, plan, arch) if arch is not None else False
+                out = self._run(self._job_id, wire, plan, staged, on_progress, cancel, eager=eager)
+                if arch is not None and ((self.last_stats.get("ranks") or [{}])[0].get("runtime") or {}).get("compiled"):
+                    self._background.workers_compiled(job, plan, arch)
+                self.last_stats["eager"] = eager
+                return out
             except BaseException:
                 if starting and not self.alive:
                     self._teardown()
                 raise
             finally:
-                for item in staged:
-                    if isinstance(item, Path):
-                        _remove(item)
-                _release_read(staged)         # GPU tensors: the workers hold their own copies now
+                staged.release()              # GPU tensors: the workers hold their own copies now
 
-    def _run(self, job_id: int, job: Job, plan: ParallelConfig, staged: list,
-             on_progress: ProgressFn | None, cancel: Callable[[], bool] | None) -> torch.Tensor:
+    def _run(self, job_id: int, job: Job, plan: ParallelConfig, staged: JobStaging,
+             on_progress: ProgressFn | None, cancel: Callable[[], bool] | None, *, eager: bool = False
+             ) -> torch.Tensor:
         outcome: dict[int, dict] = {}
         loaded: set[int] = set()
         interrupt: BaseException | None = None
@@ -380,7 +390,7 @@ class PoolClient:
         # alive. A job must report its first step within startup_timeout (weights, compilation) and then
         # each step within max(hang_timeout, 20 x the slowest step so far) (startup_timeout when compiling).
         last_step, slowest, steps_seen = time.monotonic(), 0.0, 0
-        data = P.dumps({"type": P.JOB, "id": job_id, "job": job, "plan": plan})
+        data = P.dumps({"type": P.JOB, "id": job_id, "job": job, "plan": plan, "eager": eager})
         for w in self._workers:
             w.last_seen = time.monotonic()
             w.outbox.put(data)
@@ -405,7 +415,7 @@ class PoolClient:
                     elif kind == P.LOADED:
                         loaded.add(w.rank)
                         if len(loaded) == len(self._workers):
-                            _release_read(staged)       # every rank read them
+                            staged.release()            # every rank read them
                     elif kind in P.TERMINAL:
                         self._wall["answers"][w.rank] = time.time()
                         if kind == P.ERROR and msg.get("kind") != P.ERROR_JOB:
@@ -503,100 +513,16 @@ class PoolClient:
             return []
         return checks.validate_job(job, plan, cfg)
 
-    def _wire_job(self, job: Job, staged: list) -> Job:
-        """The job as sent: its weights as the transfer the workers need (worker/weights.py); what was staged
-        for it (files, GPU tensors shared with the workers) is appended to `staged`, to be freed after it."""
+    def _wire_job(self, job: Job, staged: JobStaging) -> Job:
+        """The job as sent: its weights as the transfer the workers need (worker/weights.py), staged by
+        `staged` (files, GPU memory shared with the workers), which frees them after the job."""
         ref = job.weights
         if not isinstance(ref, WeightsRef):
             raise JobError(f"job.weights must be a WeightsRef(identity, source), got {type(ref).__name__}")
-
-        def stage(tensors, whole: bool = False):
-            if whole:
-                return self._stage_whole(tensors, staged)
-            shared, rank = self._share(tensors, staged)
-            rest = {k: t for k, t in tensors.items() if k not in shared}
-            files = [str(self._stage(rest, staged))] if rest else []
-            return Staged(files=files, shared=shared, shared_rank=rank or 0)
         t0 = time.perf_counter()
-        delta = self._weights.plan(ref, stage)
+        delta = self._weights.plan(ref, staged)
         self._wall["stage_seconds"] = time.perf_counter() - t0
         return replace(job, weights=WeightsRef(ref.identity, delta))
-
-    def _stage_whole(self, tensors: Mapping[str, torch.Tensor], staged: list):
-        """A whole model for the workers: SharedWeights (one buffer in GPU memory, by CUDA IPC) when
-        config.weights_transfer is "auto" and this process can use the GPU of a worker, else the path of one
-        staged safetensors file. The buffer is freed once every rank has read it."""
-        rank = self._reachable_gpu_rank() if self.config.weights_transfer == "auto" else None
-        if rank is not None:
-            try:
-                return self._share_whole(tensors, rank, staged)
-            except torch.cuda.OutOfMemoryError:
-                staged[:] = [item for item in staged if isinstance(item, Path)]
-                self.log.warning("no room on %s for a copy of the weights to hand to the workers; staging them in "
-                                 "a file instead", self.devices[rank])
-        return str(self._stage(tensors, staged))
-
-    def _share_whole(self, tensors: Mapping[str, torch.Tensor], rank: int, staged: list) -> SharedWeights:
-        from torch.multiprocessing.reductions import reduce_tensor
-        entries, offset = {}, 0
-        for key, t in tensors.items():
-            entries[key] = (offset, t.dtype, tuple(t.shape))
-            offset += -(-t.numel() * t.element_size() // SHARED_ALIGN) * SHARED_ALIGN
-        buffer = torch.empty(max(offset, 1), dtype=torch.uint8, device=self.devices[rank])
-        staged.append(buffer)                 # alive until every rank has read it
-        for key, t in tensors.items():
-            start, dtype, shape = entries[key]
-            n = t.numel() * t.element_size()
-            buffer[start:start + n].view(dtype).view(shape).copy_(t.detach())
-        torch.cuda.synchronize(buffer.device)
-        _, handle = reduce_tensor(buffer)
-        return SharedWeights(handle=handle, nbytes=buffer.numel(), entries=entries, rank=rank)
-
-    def _reachable_gpu_rank(self) -> int | None:
-        """The first rank whose GPU this process can use (the same device string here as in the workers)."""
-        cuda = [r for r, d in enumerate(self.devices) if d.startswith("cuda")]
-        if not cuda or not torch.cuda.is_available():
-            return None
-        index = torch.device(self.devices[cuda[0]]).index or 0
-        return cuda[0] if index < torch.cuda.device_count() else None
-
-    def _share(self, tensors: Mapping[str, torch.Tensor], staged: list) -> tuple[dict, int | None]:
-        """CUDA IPC handles of the tensors that live on the GPU of one of the workers (a LoRA's patched weights,
-        computed by ComfyUI on its own GPU): that rank copies them device to device, no copy through the host."""
-        ranks = {d: r for r, d in enumerate(self.devices) if d.startswith("cuda")}
-        shared, rank = {}, None
-        for key, t in tensors.items():
-            where = ranks.get(str(t.device)) if t.is_cuda else None
-            if where is None or (rank is not None and where != rank):
-                continue
-            from torch.multiprocessing.reductions import reduce_tensor
-            t = t.detach().contiguous()
-            staged.append(t)                  # alive until the job ends (the workers have copied it)
-            _, args = reduce_tensor(t)
-            shared[key], rank = args, where
-        return shared, rank
-
-    def _stage(self, tensors: Mapping[str, torch.Tensor], staged: list) -> Path:
-        """One private safetensors file of `tensors` (CPU copies) that every rank reads."""
-        from safetensors.torch import save_file
-
-        out, storages = {}, set()
-        for name, value in tensors.items():
-            t = value.detach().to("cpu").contiguous()
-            ptr = t.untyped_storage().data_ptr()
-            if t.numel() and ptr in storages:
-                t = t.clone()         # safetensors refuses tensors that share memory
-            storages.add(ptr)
-            out[name] = t
-        path = Path(self._stage_dir, f"weights-{self._job_id}-{len(os.listdir(self._stage_dir))}.safetensors")
-        staged.append(path)
-        try:
-            save_file(out, str(path))
-        except OSError as e:
-            raise PoolError(f"could not write the model weights for the workers to {path}: {e}; free space there "
-                            f"(or, for a disk folder, point TMPDIR to a larger disk)") from e
-        os.chmod(path, 0o600)
-        return path
 
     # ------------------------------------------------------------------ channel
     def _broadcast(self, msg: dict) -> None:
@@ -787,6 +713,7 @@ class PoolClient:
     def _teardown(self) -> None:
         """Kill every worker and free everything the pool holds; safe to call at any time."""
         self._close_listener()
+        self._background.close()
         if self._workers:
             self._kill_all()
         for w in self._workers:
@@ -801,92 +728,3 @@ class PoolClient:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
         self._tmp = self._stage_dir = None
-
-
-def _release_read(staged: list) -> None:
-    """Free what was staged for a job once the workers have read it: staged files removed, shared GPU tensors
-    released (and the GPU memory they held returned to the device, so that a whole model handed over in GPU
-    memory does not stay reserved in this process)."""
-    shared = any(isinstance(item, torch.Tensor) for item in staged)
-    for item in staged:
-        if isinstance(item, Path):
-            _remove(item)
-    staged.clear()
-    if torch.cuda.is_initialized():
-        torch.cuda.ipc_collect()
-        if shared:
-            torch.cuda.empty_cache()
-
-
-def _remove(path: Path | None) -> None:
-    if path is not None:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-# ---------------------------------------------------------------------- process-wide registry
-_clients: "weakref.WeakSet[PoolClient]" = weakref.WeakSet()
-_registry_lock = threading.RLock()   # re-entered by a SIGTERM handler on the main thread
-_current: PoolClient | None = None
-
-
-def get_pool(config: PoolConfig, **options) -> PoolClient:
-    """The pool for `config`: the current one when its config.key() matches (options are then
-    ignored); otherwise the current pool is closed first (GPUs are exclusive) and a new client is
-    made. The client starts its workers on its first run() (or start())."""
-    global _current
-    with _registry_lock:
-        if _current is not None and _current.config.key() == config.key():
-            return _current
-        if _current is not None:
-            _current.close()
-        _current = PoolClient(config, **options)
-        return _current
-
-
-def shutdown_all() -> None:
-    """Close every pool of this process (registered with atexit, and run on SIGTERM once
-    close_pools_on_sigterm() was called)."""
-    global _current
-    with _registry_lock:
-        _current = None
-    for client in list(_clients):
-        client.close()
-
-
-atexit.register(shutdown_all)
-
-_chained: dict = {}
-
-
-def _close_then_terminate(signum, frame) -> None:
-    """SIGTERM: close every pool (workers stopped, private folders removed), then do what the signal did
-    before: the previous Python handler, or the default action (the process ends with the signal)."""
-    try:
-        shutdown_all()
-    finally:
-        previous = _chained.get(signum, signal.SIG_DFL)
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-
-def close_pools_on_sigterm() -> bool:
-    """Make SIGTERM (systemd, `docker stop`, `kill`) close the pools first. Python's default SIGTERM ends the
-    process without atexit: the workers would still die with it, but their private folder (owner file,
-    logs, staged weights) would stay until the next pool start sweeps it. Only the main thread may set
-    handlers; a process that ignores SIGTERM keeps ignoring it. True when installed."""
-    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
-        return False
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is _close_then_terminate:
-        return True
-    if previous == signal.SIG_IGN:
-        return False
-    _chained[signal.SIGTERM] = signal.SIG_DFL if previous is None else previous
-    signal.signal(signal.SIGTERM, _close_then_terminate)
-    return True

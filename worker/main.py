@@ -209,8 +209,9 @@ class Worker:
 
         out: dict = {"id": job_id}
         try:
+            extra = {"eager": True} if msg.get("eager") else {}
             run = lambda: self.runtime.run(msg["job"], msg["plan"], report=report,   # noqa: E731
-                                           cancel_requested=self.cancel.is_set)
+                                           cancel_requested=self.cancel.is_set, **extra)
             folder = getattr(self.runtime, "pool", None) and self.runtime.pool.profile_dir
             result = self._profiled(run, folder) if folder and not self._profiled_once else run()
             out.update(type=p.DONE, result=_to_cpu(result) if self.rank == 0 else None)

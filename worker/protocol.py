@@ -6,7 +6,8 @@ plain pickler (never multiprocessing's ForkingPickler, which would turn CPU tens
 handles that an unrelated process cannot open) and sent as bytes.
 
 Client -> worker
-    job       {id, job: Job, plan: ParallelConfig}        every rank gets the whole job
+    job       {id, job: Job, plan: ParallelConfig, eager} every rank gets the whole job; eager: run it without
+                                                          compiling (a helper compiles meanwhile: background.py)
     cancel    {id}                                        sets the flag the runtime's cancel_requested reads
     shutdown  {}                                          finish, leave the process group, exit 0
 Worker -> client

@@ -97,7 +97,8 @@ class RankRuntime:
         # torch.compile's modules take seconds to import: in the background while the first job's weights
         # are on their way
         self._compiler = None
-        if pool.compile and self.device.type == "cuda":
+        self.compiled = False                       # the blocks of the held model are compiled
+        if pool.compile and self.device.type == "cuda" and not pool.background_compile:
             self._compiler = threading.Thread(target=_import_compiler, name="import-compiler", daemon=True)
             self._compiler.start()
 
@@ -129,22 +130,36 @@ class RankRuntime:
             self.graphs.clear()                     # they read the old weights' memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        if self._compiler is not None:
-            # torch.compile's modules are imported in the background from start-up, while the client stages
-            # the weights; the read waits for them: a thread importing holds the GIL for up to the switch
-            # interval each time the read releases it (every torch call), which made the read 10x slower
-            self._compiler.join()
-            self._compiler = None
+        self._join_compiler()
         t = time.perf_counter()
         if isinstance(source, SharedWeights):
             source = self._receive_whole(source)
         self.model = build_weights(source, dtype=self.dtype, device=self.device)
         self.load_phases = {"read": time.perf_counter() - t}
         self.model.configure(self.compute_options())
-        if self.pool.compile and self.device.type == "cuda":      # CPU workers (tests, demos) stay eager
-            self.model.compile_blocks(self.pool.compile_mode, any_size=self.pool.compile_any_size)
+        self.compiled = False
         self.load_phases["configure"] = time.perf_counter() - t - self.load_phases["read"]
         self.loads += 1
+
+    def _join_compiler(self) -> None:
+        """torch.compile's modules are imported in the background from start-up (unless the first job may run
+        eager: PoolConfig.background_compile), while the client stages the weights; the read and the steps
+        wait for them: a thread importing holds the GIL for up to the switch interval each time the main
+        thread releases it (every torch call), which made the weights' read 10x slower."""
+        if self._compiler is not None:
+            self._compiler.join()
+            self._compiler = None
+
+    def _compile(self) -> None:
+        """Regional torch.compile of the held model's blocks (GPU workers; CPU workers stay eager). CUDA graphs
+        recorded from the eager blocks are dropped: the next calls record the compiled ones."""
+        self._join_compiler()
+        t = time.perf_counter()
+        self.model.compile_blocks(self.pool.compile_mode, any_size=self.pool.compile_any_size)
+        if self.graphs is not None:
+            self.graphs.clear()
+        self.compiled = True
+        self.load_phases["compile_setup"] = time.perf_counter() - t
 
     @torch.no_grad()
     def _apply(self, delta: WeightDelta) -> bool:
@@ -242,10 +257,12 @@ class RankRuntime:
         return self.meshes[key]
 
     def run(self, job: Job, plan: ParallelConfig, *, report: Callable[[dict], None],
-            cancel_requested: Callable[[], bool]) -> torch.Tensor | None:
+            cancel_requested: Callable[[], bool], eager: bool = False) -> torch.Tensor | None:
         """Run one job under `plan` (degrees resolved for this job; product == world size).
 
-        Loads job.weights when its identity differs from the loaded one. Progress messages
+        Loads job.weights when its identity differs from the loaded one. A GPU pool that compiles compiles the
+        blocks before the first job that is not `eager` (the pool client runs a cold pool's first jobs eager
+        while a helper process fills the compile cache: PoolConfig.background_compile). Progress messages
         {"type": "progress", "step", "total", "preview"} come from one rank (the last pipeline stage's
         first rank). Cancellation is agreed by all ranks at the same step (JobCancelled everywhere).
         Returns the final LATENT samples (CPU float32) on rank 0, None elsewhere.
@@ -254,6 +271,8 @@ class RankRuntime:
         self.ensure_weights(job.weights)
         self.last_weights_seconds = time.perf_counter() - t0
         report({"type": "loaded", "identity": self.identity})     # every job: the client's record follows it
+        if self.pool.compile and self.device.type == "cuda" and not self.compiled and not eager:
+            self._compile()
         mesh = self.mesh_for(plan)
         runner = Runner(self.model, mesh, plan, backend=self.attention_backend(plan), report=report,
                         cancel_requested=cancel_requested, graphs=self.graphs)
@@ -270,5 +289,5 @@ class RankRuntime:
         return {"setup_seconds": sum(phases.values()) if phases else None, "setup_phases": phases,
                 "cuda_graphs": graphs, "cpu_threads": torch.get_num_threads(), "kept_tensors": len(self.kept),
                 "weights_seconds": self.last_weights_seconds, "load_phases": self.load_phases,
-                "compile_times": _compile_times(),
+                "compile_times": _compile_times(), "compiled": self.compiled,
                 "kept_bytes": sum(t.numel() * t.element_size() for t in self.kept.values())}
