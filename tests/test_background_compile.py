@@ -99,10 +99,11 @@ def test_close_stops_a_running_helper_and_nothing_runs_without_the_option(tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiling needs a GPU")
-def test_a_cold_gpu_pool_runs_eager_until_the_helper_filled_the_cache(tmp_path):
+def test_a_cold_gpu_pool_runs_eager_until_the_helper_filled_the_cache(tmp_path, monkeypatch):
     """A real pool: the first job eager while the helper compiles, a later job compiled from the cache (its
     latent close to the eager one's), and a new pool on the same cache compiles at its first job."""
     from comfyui_xdit_hunyuan.worker import PoolClient
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)     # the workers compile real GPU kernels (conftest)
     config = PoolConfig(devices="cuda:0", dtype="fp32", cache_dir=str(tmp_path / "cache"))
     job = make_job(h=32, w=32, steps=3)
     job.weights = WeightsRef("tiny", "random:0:" + PRESET)
