@@ -814,3 +814,18 @@ def test_progress_updates_comfyuis_bar_with_previews_and_never_swallows_cancel(f
     with pytest.raises(mm.InterruptProcessingException):
         backend.raise_interrupted()
     assert not mm.flag
+
+
+def test_patch_signatures_tell_tensors_apart_also_inference_tensors():
+    """A patch's tensors are compared by identity and in-place version; tensors made under inference_mode (as
+    ComfyUI's executor makes a LoRA's) have no version counter and are compared by identity alone."""
+    from comfyui_xdit_hunyuan.adapter.weights import signature
+    a, b = torch.ones(3), torch.ones(3)
+    with torch.inference_mode():
+        c, d = torch.ones(3), torch.ones(3)
+    patch = lambda t: [(1.0, t, 0.5, None, None)]   # noqa: E731 - a ComfyUI patch list entry
+    assert signature(patch(a)) == signature(patch(a)) and signature(patch(a)) != signature(patch(b))
+    before = signature(patch(a))
+    a.add_(1)                                         # in place: a new version
+    assert signature(patch(a)) != before
+    assert signature(patch(c)) == signature(patch(c)) and signature(patch(c)) != signature(patch(d))

@@ -36,12 +36,12 @@ from ..plan import ParallelConfig, PlanError
 
 from . import protocol as P
 from .processes import describe_exit, kill_group, own_process_group, private_dir, spawn, sweep_stale_dirs
-from .registry import _clients, close_pools_on_sigterm, get_pool, shutdown_all
+from .registry import _clients, close_pools_on_sigterm, current_or_new, shutdown_all
 from .background import BackgroundCompile
 from .staging import JobStaging
 from .weights import HeldWeights
 
-__all__ = ["PoolClient", "get_pool", "shutdown_all", "close_pools_on_sigterm"]   # the registry's, re-exported
+__all__ = ["PoolClient", "get_pool", "shutdown_all", "close_pools_on_sigterm"]   # the last two: the registry's
 
 WORKER_MODULE = __package__ + ".main"     # run as `python -m`: the pack's own modules, never another `worker`
 POLL_S = 0.05            # how often run() looks at cancel(), exits and heartbeats
@@ -728,3 +728,10 @@ class PoolClient:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
         self._tmp = self._stage_dir = None
+
+
+def get_pool(config: PoolConfig, **options) -> PoolClient:
+    """The pool for `config`: the current one when its config.key() matches (options are then ignored);
+    otherwise the current pool is closed first (GPUs are exclusive) and a new client is made. The client starts
+    its workers on its first run() (or start())."""
+    return current_or_new(config, lambda: PoolClient(config, **options))

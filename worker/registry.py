@@ -1,5 +1,5 @@
-"""The process's pools: the current one by config (`get_pool`; GPUs are exclusive, so a new config closes the
-old pool first), every client of the process (closed at exit by atexit, and on SIGTERM once
+"""The process's pools: the current one by config (`current_or_new`, behind client.get_pool; GPUs are
+exclusive, so a new config closes the old pool first), every client of the process (closed at exit by atexit, and on SIGTERM once
 `close_pools_on_sigterm()` was called, so that no worker or private folder outlives the process)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..config import PoolConfig
 
@@ -20,18 +20,16 @@ _registry_lock = threading.RLock()   # re-entered by a SIGTERM handler on the ma
 _current: PoolClient | None = None
 
 
-def get_pool(config: PoolConfig, **options) -> PoolClient:
-    """The pool for `config`: the current one when its config.key() matches (options are then
-    ignored); otherwise the current pool is closed first (GPUs are exclusive) and a new client is
-    made. The client starts its workers on its first run() (or start())."""
-    from .client import PoolClient  # noqa: PLC0415 - the client module registers its clients here
+def current_or_new(config: PoolConfig, make: Callable[[], "PoolClient"]) -> "PoolClient":
+    """The current pool when its config.key() matches `config`'s; otherwise the current pool is closed first
+    (GPUs are exclusive) and `make()` becomes the current one (client.get_pool)."""
     global _current
     with _registry_lock:
         if _current is not None and _current.config.key() == config.key():
             return _current
         if _current is not None:
             _current.close()
-        _current = PoolClient(config, **options)
+        _current = make()
         return _current
 
 

@@ -96,10 +96,12 @@ CONFIG_INPUTS: tuple[InputSpec, ...] = (
         "KSampler's most closely. bf16 has fp32's range (use it if a model overflows in fp16); fp32 is "
         "several times slower and needs twice the memory. Changing it restarts the pool.")),
     InputSpec("compile", "BOOLEAN", default=True, tooltip=(
-        "torch.compile the model in every GPU worker: steps take about 60% of the eager time, but the "
-        "first image of each new size waits for compilation (tens of seconds). Where it cannot compile "
-        "(no Triton) the workers run eager and log why. CPU workers always run eager. Changing it restarts "
-        "the pool.")),
+        "torch.compile the transformer blocks in every GPU worker. A new pool's first images run eager while "
+        "a helper process compiles into the compile cache; the next image compiles from it (a few seconds), "
+        "other sizes do not compile again, and a restarted pool reuses the cache. (On one H200 at 1024^2 the "
+        "eager steps, with CUDA graphs, measured as fast as the compiled ones.) Where it cannot compile (no "
+        "Triton) the workers run eager and log why. CPU workers always run eager. Changing it restarts the "
+        "pool.")),
 )
 
 SAMPLER_INPUTS: tuple[InputSpec, ...] = (

@@ -24,7 +24,7 @@ class _Same:
             self._ref = weakref.ref(obj)
         except TypeError:                      # not weak-referenceable: held (a small object of a patch)
             self._ref = lambda obj=obj: obj
-        self._id, self._ver = id(obj), getattr(obj, "_version", None)
+        self._id, self._ver = id(obj), _version(obj)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, _Same) or (self._id, self._ver) != (other._id, other._ver):
@@ -34,6 +34,15 @@ class _Same:
 
     def __hash__(self) -> int:
         return hash((self._id, self._ver))
+
+
+def _version(obj) -> int | None:
+    """A tensor's in-place version counter; None for other objects and for inference tensors (made under
+    torch.inference_mode, as ComfyUI runs its nodes: they have no counter, and are told apart by identity)."""
+    try:
+        return obj._version
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def signature(obj) -> Hashable:
