@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         rows.append(one("resident (IPC)", base, resident, a.size, 2, arch))
         del resident
         torch.cuda.empty_cache()
-    compiled = PoolConfig(**{**base.to_dict(), "compile": True,
+    compiled = PoolConfig(**{**base.to_dict(), "compile": True, "background_compile": False,
                              "cache_dir": tempfile.mkdtemp(prefix="xdit-handover-cache-")})
     rows.append(one("compile cold", compiled, cpu, a.size, a.steps, arch))
     rows.append(one("compile warm", compiled, cpu, a.size, a.steps, arch))
