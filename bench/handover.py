@@ -79,7 +79,8 @@ def main(argv=None) -> int:
           f"tensors (fp16), {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}", flush=True)
     base = PoolConfig(devices=a.devices, dtype="fp16", compile=False)
     file = PoolConfig(**{**base.to_dict(), "weights_transfer": "file"})
-    first = one("warm-up (page cache, GPU)", file, cpu, a.size, 2, arch)   # the machine's first GPU process reads cuDNN & co.
+    # the machine's first GPU process reads cuDNN & co. from disk: a warm-up pool first
+    first = one("warm-up (page cache, GPU)", file, cpu, a.size, 2, arch)
     rows = [one("file", file, cpu, a.size, 2, arch),
             one("gpu (client copies, IPC)", base, cpu, a.size, 2, arch)]
     if a.devices.startswith("cuda"):
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     profile = Path(a.out).with_suffix("")
     rows.append(one("compile warm, profiled", replace(compiled, profile_dir=str(profile / "warm")), cpu, a.size,
                     a.steps, arch))
-    cold = replace(compiled, cache_dir=tempfile.mkdtemp(prefix="xdit-handover-cache-"), profile_dir=str(profile / "cold"))
+    cold = replace(compiled, cache_dir=tempfile.mkdtemp(prefix="xdit-handover-cache-"),
+                   profile_dir=str(profile / "cold"))
     rows.append(one("compile cold, profiled", cold, cpu, a.size, a.steps, arch))
     ref = rows[0]["latent"]
     for r in rows[1:]:

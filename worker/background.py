@@ -67,7 +67,10 @@ class BackgroundCompile:
         return False
 
     def workers_compiled(self, job, plan, arch) -> None:
-        """The workers ran a compiled job: the cache holds its code (marked, so a restarted pool compiles at once)."""
+        """The workers ran a compiled job: the cache holds its code (marked once, so that a restarted pool
+        compiles at once)."""
+        if self.compiled:
+            return
         self.compiled = True
         if self.enabled:
             self._marker = self._marker_for(job, plan, arch)
@@ -86,7 +89,8 @@ class BackgroundCompile:
 
     # ---------------------------------------------------------------- internals
     def _marker_for(self, job, plan, arch) -> Path:
-        what = {"pool": [str(v) for v in self.config.key()], "arch": asdict(arch), "degrees": plan.mesh_degrees, "patches": plan.num_pipeline_patch,
+        what = {"pool": [str(v) for v in self.config.key()], "arch": asdict(arch), "degrees": plan.mesh_degrees,
+                "patches": plan.num_pipeline_patch,
                 "batch": int(job.latent.shape[0]) * (2 if job.uses_uncond() else 1) // plan.cfg_degree,
                 "size": None if self.config.compile_any_size else list(job.latent.shape[2:])}
         digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -367,7 +367,8 @@ class PoolClient:
                 arch = self._model_configs.get(job.weights.identity)
                 eager = self._background.eager(job, plan, arch) if arch is not None else False
                 out = self._run(self._job_id, wire, plan, staged, on_progress, cancel, eager=eager)
-                if arch is not None and ((self.last_stats.get("ranks") or [{}])[0].get("runtime") or {}).get("compiled"):
+                rank0 = (self.last_stats.get("ranks") or [{}])[0].get("runtime") or {}
+                if arch is not None and rank0.get("compiled"):
                     self._background.workers_compiled(job, plan, arch)
                 self.last_stats["eager"] = eager
                 return out

@@ -1,6 +1,7 @@
 """The process's pools: the current one by config (`current_or_new`, behind client.get_pool; GPUs are
-exclusive, so a new config closes the old pool first), every client of the process (closed at exit by atexit, and on SIGTERM once
-`close_pools_on_sigterm()` was called, so that no worker or private folder outlives the process)."""
+exclusive, so a new config closes the old pool first), and every client of the process, closed at exit
+(atexit) and on SIGTERM once `close_pools_on_sigterm()` was called, so that no worker or private folder
+outlives the process."""
 from __future__ import annotations
 
 import atexit

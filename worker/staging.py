@@ -94,13 +94,13 @@ class JobStaging:
     def _share(self, tensors: Mapping[str, torch.Tensor]) -> tuple[dict, int | None]:
         """CUDA IPC handles of the tensors that live on the GPU of one of the workers (a LoRA's patched weights,
         computed by ComfyUI on its own GPU): that rank copies them device to device, no copy through the host."""
+        from torch.multiprocessing.reductions import reduce_tensor
         ranks = {d: r for r, d in enumerate(self.devices) if d.startswith("cuda")}
         shared, rank = {}, None
         for key, t in tensors.items():
             where = ranks.get(str(t.device)) if t.is_cuda else None
             if where is None or (rank is not None and where != rank):
                 continue
-            from torch.multiprocessing.reductions import reduce_tensor
             t = t.detach().contiguous()
             self.items.append(t)                  # alive until the job ends (the workers have copied it)
             _, args = reduce_tensor(t)
