@@ -23,6 +23,11 @@ async def comfy_entrypoint():
         raise ImportError(msg) from e
     from .nodes import XDiTHunyuanExtension  # needs comfy_api, present only inside ComfyUI
     pool.close_pools_on_sigterm()             # ComfyUI loads packs on its main thread
+    try:                                      # the first image's workers start now (GPU machines)
+        from comfyui_xdit_hunyuan.adapter import start_spare_workers
+        start_spare_workers()
+    except Exception as e:  # noqa: BLE001 - ComfyUI starts all the same; the first pool starts cold
+        logging.getLogger("xdit_hunyuan").warning("xDiT: no spare workers (%s)", e)
     return XDiTHunyuanExtension()
 
 

@@ -5,12 +5,17 @@ The MODEL is built by ComfyUI's own loader (comfy.sd.load_diffusion_model_state_
 ComfyUI's layout, the LoRA (rank 16 on attn1.Wqkv, attn1.out_proj and mlp.fc1 of every block) applied by
 ComfyUI's own LoRA code (comfy.sd.load_lora_for_models). The pack's side calls the sampler node's entry
 (adapter.run_sampler) with the config node's value (adapter.build_parallel_config: strategy auto, compile
-on); KSampler's side calls nodes.common_ksampler, what the KSampler node runs. The pack's session runs first,
+as the node's default, off); KSampler's side calls nodes.common_ksampler, what the KSampler node runs. The pack's session runs first,
 from a cold pool and an empty compile cache; then KSampler's, from a MODEL ComfyUI has not loaded yet.
 
 Events (12 images): cold start, 3 more seeds, a prompt change, a LoRA added, its strength changed, the LoRA
 removed, a new size, back to the first size, a restart (the pack: every pool closed, the compile cache kept
-on disk; KSampler: every model unloaded), a cfg change.
+on disk, a pool started anew: what a change of devices or dtype, or a failed worker, costs; KSampler: every
+model unloaded), a cfg change.
+
+The spare workers (PoolConfig.spare_workers) start as the pack's entry point starts them when ComfyUI loads
+it: before the MODEL is built, which takes the place of ComfyUI loading the checkpoint. The cold start's
+compile cache is empty; the restart finds the spares the first pool had started after its first job.
 
     COMFYUI_DIR=/path/to/ComfyUI python bench/session.py --devices all --preset full --size 1024 --steps 50 --out DIR
     COMFYUI_DIR=... python bench/session.py --devices cpu:1 --preset comfy-tiny --size 64 --steps 2 --out DIR   # a test
@@ -110,17 +115,26 @@ def session_inputs(comfy, arch, a):
     return ev, neg
 
 
-def run_pack(events, neg, a, cache_dir: str) -> list[dict]:
+def pack_setup(a, cache_dir: str):
+    """The config node's value for the session (strategy auto), with its compile cache folder."""
     from comfyui_xdit_hunyuan import adapter
-    from comfyui_xdit_hunyuan.worker.client import get_pool, shutdown_all
     from dataclasses import replace
 
     setup = adapter.build_parallel_config(devices=a.devices, strategy="auto", compile=a.compile)
-    setup = replace(setup, pool=replace(setup.pool, cache_dir=cache_dir))
+    pool = replace(setup.pool, cache_dir=cache_dir, profile_dir=a.profile_dir)
+    if a.spares is not None:
+        pool = replace(pool, spare_workers=a.spares)
+    return replace(setup, pool=pool)
+
+
+def run_pack(events, neg, a, setup) -> list[dict]:
+    from comfyui_xdit_hunyuan import adapter
+    from comfyui_xdit_hunyuan.worker.client import close_pools, get_pool
+
     out = []
     for e in events:
         if e["restart"]:
-            shutdown_all()
+            close_pools()
         t0 = time.perf_counter()
         with torch.inference_mode():
             latent = adapter.run_sampler(e["model"], e["seed"], a.steps, e["cfg"], a.sampler, "normal", e["positive"],
@@ -133,7 +147,7 @@ def run_pack(events, neg, a, cache_dir: str) -> list[dict]:
         out.append({"event": e["name"], "seconds": seconds, "latent": latent["samples"],
                     "weights": stats.get("weights"), "job_seconds": stats.get("job_seconds"),
                     "client_seconds": stats.get("client_seconds"), "weights_seconds": rt.get("weights_seconds"),
-                    "eager": stats.get("eager"),
+                    "eager": stats.get("eager"), "spares_taken": stats.get("spares_taken"),
                     "first_step_seconds": steps[0] if steps else None,
                     "other_steps_seconds": sum(steps[1:]) if steps else None,
                     "ranks": [{k: r.get(k) for k in ("device", "gpu_allocated_bytes", "gpu_reserved_bytes",
@@ -141,7 +155,8 @@ def run_pack(events, neg, a, cache_dir: str) -> list[dict]:
         c = stats.get("client_seconds") or {}
         r0 = (stats.get("ranks") or [{}])[0]
         if c.get("start_seconds") is not None:
-            print(f"    start phases {r0.get('start_phases')}, load phases {rt.get('load_phases')}", flush=True)
+            print(f"    start phases {r0.get('start_phases')}, load phases {rt.get('load_phases')}, set-up phases "
+                  f"{rt.get('setup_phases')}, spares taken {stats.get('spares_taken')}", flush=True)
             print(f"    compile times:\n{rt.get('compile_times')}", flush=True)
         print(f"  pack      {e['name']:<24} {seconds:7.2f} s   start {_s(c.get('start_seconds'))} stage "
               f"{_s(c.get('stage_seconds'))} weights {_s(rt.get('weights_seconds'))} first step "
@@ -149,6 +164,24 @@ def run_pack(events, neg, a, cache_dir: str) -> list[dict]:
               f"{stats.get('weights')}{'  eager (compiling in the background)' if stats.get('eager') else ''}",
               flush=True)
     return out
+
+
+def _gpu_processes() -> None:
+    """The spares' resident memory, and nvidia-smi's memory per GPU process (best effort: GPUs with nvidia-smi)."""
+    import shutil
+    import subprocess
+    from comfyui_xdit_hunyuan.worker.spares import spares
+    for slot, pid in spares.running().items():
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            print(f"spare {slot} (pid {pid}): resident memory {rss / 2**20:.0f} MiB", flush=True)
+        except (OSError, ValueError):
+            pass
+    if torch.cuda.is_available() and shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+        print("GPU processes (pid, memory) after the pack's session: " + "; ".join(out.splitlines()), flush=True)
 
 
 def _s(x) -> str:
@@ -182,9 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=1024, help="the first image size, pixels (square)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--sampler", default="euler")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="the config node's compile (default off, as the node's)")
     ap.add_argument("--cache-dir", help="the compile cache folder (default: a new, empty one: a cold start)")
     ap.add_argument("--no-ksampler", action="store_true", help="the pack's session only")
+    ap.add_argument("--profile-dir", help="each worker writes a cProfile of its first job there (slows it)")
+    ap.add_argument("--spares", choices=("auto", "on", "off"), help="PoolConfig.spare_workers (default: its own)")
     ap.add_argument("--out", default="out/session")
     ap.add_argument("--verbose", action="store_true", help="the workers' own output (start-up times, compiler)")
     a = ap.parse_args(argv)
@@ -196,11 +232,18 @@ def main(argv=None) -> int:
         ap.error("needs a ComfyUI checkout: --comfyui PATH or COMFYUI_DIR")
     comfy = import_comfyui(a.comfyui)
     arch = architecture(a.preset)
-    events, neg = session_inputs(comfy, arch, a)
     cache_dir = a.cache_dir or tempfile.mkdtemp(prefix="xdit-session-cache-")
+    setup = pack_setup(a, cache_dir)
+    from comfyui_xdit_hunyuan.worker.client import start_spares
+    started = start_spares(setup.pool)         # what the pack's entry point does when ComfyUI starts
+    t0 = time.perf_counter()
+    events, neg = session_inputs(comfy, arch, a)
     print(f"session: {a.preset} at {a.size}px, {a.steps} steps, {a.sampler}, devices {a.devices}, "
-          f"{'cuda ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}", flush=True)
-    pack = run_pack(events, neg, a, cache_dir)
+          f"{'cuda ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}; spare workers "
+          f"{started or 'none'} started {time.perf_counter() - t0:.1f} s before the first image (the MODEL's "
+          f"load in between)", flush=True)
+    pack = run_pack(events, neg, a, setup)
+    _gpu_processes()                               # the pool's workers and the spares it started, side by side
     from comfyui_xdit_hunyuan.worker.client import shutdown_all
     ks = [] if a.no_ksampler else run_ksampler(comfy, events, neg, a)
     from comfyui_xdit_hunyuan.compile_cache import size_bytes
@@ -234,7 +277,9 @@ def main(argv=None) -> int:
     print(f"{'total':<24} {report['pack_total_seconds']:8.2f} {'':>8} "
           f"{report.get('ksampler_total_seconds', float('nan')):11.2f}"
           + (f"   pack {report['speedup']:.2f}x KSampler" if ks else ""))
-    print(f"compile cache on disk: {report['compile_cache_bytes'] / 2**20:.1f} MiB ({cache_dir})")
+    kernels = len(list(Path(cache_dir).rglob("*.cubin")))
+    print(f"compile cache on disk: {report['compile_cache_bytes'] / 2**20:.1f} MiB ({cache_dir}), {kernels} "
+          f"compiled GPU kernels in it")
     _chart(report, out / "session.png")
     return 0
 

@@ -16,6 +16,7 @@ whoever builds the config in the parent process, never inside the workers:
     XDIT_HUNYUAN_AUTO_TABLE=PATH          auto_table (the measured table of the auto strategy)
     XDIT_HUNYUAN_CACHE_DIR=PATH           cache_dir (the workers' compile caches)
     XDIT_HUNYUAN_WEIGHTS_TRANSFER=auto|file   weights_transfer (how a whole model reaches the workers)
+    XDIT_HUNYUAN_SPARE_WORKERS=auto|on|off    spare_workers (worker processes started ahead of a pool)
 
     >>> PoolConfig(devices="cpu:2").key() == PoolConfig(devices="cpu:2", auto_table="t.json").key()
     True
@@ -34,7 +35,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 GRAPH_MODES = ("all", "local", "off")
 KERNEL_MODES = ("auto", "on", "off")
 TRANSFERS = ("auto", "file")
-PARENT_ONLY = ("auto_table", "weights_transfer")   # fields the worker processes do not depend on
+SPARE_MODES = ("auto", "on", "off")
+PARENT_ONLY = ("auto_table", "weights_transfer", "spare_workers")   # fields the worker processes do not depend on
 ENV_PREFIX = "XDIT_HUNYUAN_"
 _OFF = ("0", "false", "no", "off")
 
@@ -44,7 +46,9 @@ class PoolConfig:
     devices: str = "all"             # "all", "0,1", "cuda:0,cuda:1", "cpu:N" (N CPU worker processes)
     dtype: str = "auto"              # auto: bf16 on GPU, fp32 on CPU (the node passes the MODEL's dtype)
     attention: str = "auto"          # attention kernel (model.attention.BACKENDS)
-    compile: bool = True             # regional torch.compile in GPU workers (CPU workers run eager)
+    compile: bool = False            # regional torch.compile in GPU workers (CPU workers run eager). Off by
+                                     # default: eager steps with CUDA graphs and the fused kernels measured as
+                                     # fast (bench/NOTES.md), without compiling at a pool's first jobs
     compile_mode: str | None = None  # torch.compile's mode (None: its default)
     compile_any_size: bool = True    # compiled code takes any image size (the token count symbolic): a new
                                      # size runs at once instead of compiling again
@@ -64,6 +68,10 @@ class PoolConfig:
     weights_transfer: str = "auto"   # how a whole model reaches the workers; parent only. auto: in GPU memory
                                      # (CUDA IPC) where this process can use a worker's GPU, else one staged
                                      # safetensors file (/dev/shm where there is one); "file": always the file
+    spare_workers: str = "auto"      # worker processes started ahead (worker/spares.py): in ComfyUI when it
+                                     # loads the pack, and after a pool's first job for the next pool, so a
+                                     # pool starts without Python's start, torch's import and a first job's
+                                     # one-time costs. auto: GPU pools on POSIX; "on" (also CPU: tests); "off"
 
     def key(self) -> tuple:
         """What the worker processes depend on: a change restarts the pool."""
@@ -88,6 +96,9 @@ class PoolConfig:
         if self.fused_kernels not in KERNEL_MODES:
             raise PlanError("{fused_kernels} '{value}' is unknown; choose one of {choices}", field="fused_kernels",
                             value=self.fused_kernels, choices=", ".join(KERNEL_MODES))
+        if self.spare_workers not in SPARE_MODES:
+            raise PlanError("{spare_workers} '{value}' is unknown; choose one of {choices}", field="spare_workers",
+                            value=self.spare_workers, choices=", ".join(SPARE_MODES))
         if self.weights_transfer not in TRANSFERS:
             raise PlanError("{weights_transfer} '{value}' is unknown; choose one of {choices}",
                             field="weights_transfer", value=self.weights_transfer, choices=", ".join(TRANSFERS))
@@ -111,7 +122,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict:
     if kernels is not None:
         out["fused_kernels"] = "off" if kernels.strip().lower() in _OFF else "on"
     for var, name in (("COMPILE_MODE", "compile_mode"), ("AUTO_TABLE", "auto_table"), ("CACHE_DIR", "cache_dir"),
-                      ("WEIGHTS_TRANSFER", "weights_transfer")):
+                      ("WEIGHTS_TRANSFER", "weights_transfer"), ("SPARE_WORKERS", "spare_workers")):
         value = environ.get(ENV_PREFIX + var)
         if value:
             out[name] = value

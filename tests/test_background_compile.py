@@ -37,7 +37,7 @@ def _controller(tmp_path, monkeypatch, *, code=0, sleep=0.5, **pool):
     cache.mkdir(exist_ok=True)
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    config = PoolConfig(devices="cuda:0", cache_dir=str(cache), **pool)
+    config = PoolConfig(devices="cuda:0", cache_dir=str(cache), **{"compile": True, **pool})
     return background.BackgroundCompile(config, ["cuda:0"], cache, str(work), sys.executable, env,
                                         logging.getLogger("test"))
 
@@ -92,7 +92,7 @@ def test_close_stops_a_running_helper_and_nothing_runs_without_the_option(tmp_pa
     assert helper.poll() is not None                                              # killed, reaped
     for off in (dict(background_compile=False), dict(compile=False)):
         assert _controller(tmp_path, monkeypatch, **off).eager(job, plan, arch) is False
-    cpu = background.BackgroundCompile(PoolConfig(devices="cpu:1", cache_dir=str(tmp_path)), ["cpu"], tmp_path,
+    cpu = background.BackgroundCompile(PoolConfig(devices="cpu:1", compile=True, cache_dir=str(tmp_path)), ["cpu"], tmp_path,
                                        str(tmp_path), sys.executable, {}, logging.getLogger("test"))
     assert not cpu.enabled and cpu.eager(job, plan, arch) is False
 
@@ -104,7 +104,7 @@ def test_a_cold_gpu_pool_runs_eager_until_the_helper_filled_the_cache(tmp_path, 
     latent close to the eager one's), and a new pool on the same cache compiles at its first job."""
     from comfyui_xdit_hunyuan.worker import PoolClient
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)     # the workers compile real GPU kernels (conftest)
-    config = PoolConfig(devices="cuda:0", dtype="fp32", cache_dir=str(tmp_path / "cache"))
+    config = PoolConfig(devices="cuda:0", dtype="fp32", compile=True, cache_dir=str(tmp_path / "cache"))
     job = make_job(h=32, w=32, steps=3)
     job.weights = WeightsRef("tiny", "random:0:" + PRESET)
     with PoolClient(config, startup_timeout=600) as client:

@@ -36,12 +36,14 @@ from ..plan import ParallelConfig, PlanError
 
 from . import protocol as P
 from .processes import describe_exit, kill_group, own_process_group, private_dir, spawn, sweep_stale_dirs
-from .registry import _clients, close_pools_on_sigterm, current_or_new, shutdown_all
+from .registry import _clients, close_pools, close_pools_on_sigterm, current_or_new, shutdown_all
 from .background import BackgroundCompile
+from .spares import assign, spares
 from .staging import JobStaging
 from .weights import HeldWeights
 
-__all__ = ["PoolClient", "get_pool", "shutdown_all", "close_pools_on_sigterm"]   # the last two: the registry's
+__all__ = ["PoolClient", "get_pool", "start_spares", "close_pools", "shutdown_all",
+           "close_pools_on_sigterm"]   # the last three: the registry's
 
 WORKER_MODULE = __package__ + ".main"     # run as `python -m`: the pack's own modules, never another `worker`
 POLL_S = 0.05            # how often run() looks at cancel(), exits and heartbeats
@@ -103,6 +105,9 @@ class PoolClient:
         self._accept_thread: threading.Thread | None = None
         self._accepted: queue.Queue = queue.Queue()
         self._background = BackgroundCompile(config, [], None, "", python, {}, self.log)   # made per start
+        self._worker_envs: dict[str, dict[str, str]] = {}    # per spare slot: a worker's environment
+        self.spares_taken = 0                # workers of the last start that were spares
+        self._replenish = False              # spares to start after this start's first job
         self._weights = HeldWeights(keep_bytes=int(config.keep_weights_gib * (1 << 30)), itemsize=self._itemsize())
         self._model_configs: dict = {}       # weights identity -> HunyuanDiTConfig (for job checks)
         self._job_id = 0
@@ -208,46 +213,44 @@ class PoolClient:
                                                      self._accept_stop))
         self._accept_thread.start()
         world = len(devices)
-        cache_folder, cache_env = self._cache_env()
+        cache_folder, cache_env = cache_environment(self.config, self.log)
         self._background = BackgroundCompile(self.config, devices, cache_folder, self._tmp, self.python, cache_env,
                                              self.log)
         common = ["--world-size", str(world), "--family", family, "--address", address,
                   "--init-method", Path(self._tmp, "rendezvous").as_uri(),
                   "--config", json.dumps(self.config.to_dict()), "--runtime", self.runtime,
                   "--parent-pid", str(os.getpid()), "--pg-timeout", str(max(60.0, self.startup_timeout))]
-        for rank, device in enumerate(devices):
-            try:
-                proc = spawn(
-                    [self.python, *P.ISOLATE_CWD, "-m", WORKER_MODULE, "--rank", str(rank), "--device", device, *common],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    env=P.worker_env(os.environ, device, world, cache_env), **own_process_group())
-            except OSError as e:
-                raise PoolError(f"could not start a worker process with the interpreter '{self.python}': {e}; "
-                                f"pass python= an interpreter that has torch installed") from e
+        self._worker_envs = worker_environments(devices, cache_env)
+        self.spares_taken = 0
+        self._replenish = uses_spares(self.config, devices)
+        for rank, (device, (slot, env)) in enumerate(zip(devices, self._worker_envs.items())):
+            argv = ["--rank", str(rank), "--device", device, *common]
+            proc = spares.take(self.python, slot, env) if uses_spares(self.config, devices) else None
+            if proc is not None:
+                try:
+                    assign(proc, argv, authkey)      # the key goes through the stdin pipe only
+                    self.spares_taken += 1
+                except OSError:
+                    kill_group(proc)                 # it died meanwhile: a fresh worker instead
+                    proc = None
+            if proc is None:
+                try:
+                    proc = spawn([self.python, *P.ISOLATE_CWD, "-m", WORKER_MODULE, *argv], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **own_process_group())
+                except OSError as e:
+                    raise PoolError(f"could not start a worker process with the interpreter '{self.python}': "
+                                    f"{e}; pass python= an interpreter that has torch installed") from e
+                try:                  # the key goes through the stdin pipe only, then stdin is closed
+                    proc.stdin.write(authkey)
+                    proc.stdin.close()
+                except OSError:
+                    pass              # it died already; the start-up loop reports its output
             w = _Worker(rank, device, proc, Path(self._tmp, f"rank{rank}.log"), pid=proc.pid)
             self._workers.append(w)
-            try:                      # the key goes through the stdin pipe only, then stdin is closed
-                proc.stdin.write(authkey)
-                proc.stdin.close()
-            except OSError:
-                pass                  # it died already; the start-up loop reports its output
             for target, name in ((self._pump_output, "output"), (self._send_loop, "sender")):
                 t = threading.Thread(target=target, args=(w,), name=f"xdit-pool-{name}-{rank}", daemon=True)
                 t.start()
                 w.threads.append(t)
-
-    def _cache_env(self) -> tuple[Path | None, dict[str, str]]:
-        """(folder, variables): where the workers' compilers keep their caches (config.cache_dir; none: their
-        own defaults). Made here, once, before any worker starts."""
-        if not self.config.cache_dir:
-            return None, {}
-        try:
-            folder = compile_cache.prepare(self.config.cache_dir)
-            return folder, {**compile_cache.environment(folder), **compile_cache.bytecode_environment(folder)}
-        except OSError as e:
-            self.log.warning("xDiT pool: the compile cache folder %s cannot be used (%s); the workers use "
-                             "their compilers' default caches", self.config.cache_dir, e)
-            return None, {}
 
     def _accept(self, listener, expected: int, out: queue.Queue, stop: threading.Event) -> None:
         """Accept `expected` authenticated workers; each must say hello right after the handshake."""
@@ -371,6 +374,10 @@ class PoolClient:
                 if arch is not None and rank0.get("compiled"):
                     self._background.workers_compiled(job, plan, arch)
                 self.last_stats["eager"] = eager
+                self.last_stats["spares_taken"] = self.spares_taken
+                if self._replenish:           # after a start's first job: spares for the next pool
+                    self._replenish = False
+                    spares.start(self.python, self._worker_envs)
                 return out
             except BaseException:
                 if starting and not self.alive:
@@ -729,6 +736,49 @@ class PoolClient:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
         self._tmp = self._stage_dir = None
+
+
+def cache_environment(config: PoolConfig, log: logging.Logger) -> tuple[Path | None, dict[str, str]]:
+    """(folder, variables): where the workers' compilers keep their caches (config.cache_dir; none: their own
+    defaults). Made before any worker starts."""
+    if not config.cache_dir:
+        return None, {}
+    try:
+        folder = compile_cache.prepare(config.cache_dir)
+        return folder, {**compile_cache.environment(folder), **compile_cache.bytecode_environment(folder)}
+    except OSError as e:
+        log.warning("xDiT pool: the compile cache folder %s cannot be used (%s); the workers use their "
+                    "compilers' default caches", config.cache_dir, e)
+        return None, {}
+
+
+def worker_environments(devices: list[str], cache_env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each worker's environment by spare slot ("cuda:0#0"; "cpu#0", "cpu#1" for two CPU workers), in rank
+    order."""
+    world = len(devices)
+    return {f"{d}#{devices[:i].count(d)}": P.worker_env(os.environ, d, world, cache_env)
+            for i, d in enumerate(devices)}
+
+
+def uses_spares(config: PoolConfig, devices: list[str]) -> bool:
+    """config.spare_workers for these devices: auto means GPU pools; never where the spares' waiting on their
+    stdin is not available (not POSIX)."""
+    if os.name != "posix" or config.spare_workers == "off":
+        return False
+    return config.spare_workers == "on" or any(d.startswith("cuda") for d in devices)
+
+
+def start_spares(config: PoolConfig, *, python: str = sys.executable,
+                 log: logging.Logger | None = None) -> list[str]:
+    """Start spare workers for a pool of `config` (ComfyUI's start does this for the default config), unless
+    config.spare_workers says no; returns the slots started. A later pool of this config, or of any config
+    whose workers get the same environment, starts from them."""
+    log = log or logging.getLogger("comfyui_xdit_hunyuan.pool")
+    devices = parse_devices(config.devices)
+    if not uses_spares(config, devices):
+        return []
+    _, cache_env = cache_environment(config, log)
+    return spares.start(python, worker_environments(devices, cache_env))
 
 
 def get_pool(config: PoolConfig, **options) -> PoolClient:

@@ -3,11 +3,16 @@
 Started by PoolClient (worker/client.py) as its own program. Reads the control key from stdin, connects back to
 the client, joins the torch.distributed group, builds the runtime and serves jobs until told to stop or
 until its parent is gone.
+
+Or started ahead as a spare (worker/spares.py): `... main --spare --device D --parent-pid N --log FILE`
+imports, makes its CUDA context and warms up (worker/warmup.py) with its output in FILE, then reads its
+command line (a JSON list, one line) and the control key from stdin and goes on as above.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import queue
 import signal
@@ -71,11 +76,73 @@ def _read_authkey(size: int) -> bytes:
     return key
 
 
+def _wait_as_spare(argv: list[str]) -> tuple[list[str], dict]:
+    """A spare's life until a pool takes it: (the worker command line it was given, what it did meanwhile).
+    Exits 0 if its stdin ends first (dismissed)."""
+    p = argparse.ArgumentParser(prog="worker --spare")
+    p.add_argument("--device", required=True)
+    p.add_argument("--parent-pid", type=int, required=True)
+    p.add_argument("--log", required=True)
+    spare = p.parse_args(argv)
+    _exit_with_parent(spare.parent_pid)
+    saved = [os.dup(1), os.dup(2)]
+    out = os.open(spare.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    info: dict = {}
+    t = time.perf_counter()
+    try:
+        import importlib
+
+        import torch
+        importlib.import_module(protocol.DEFAULT_RUNTIME.partition(":")[0])    # the default runtime's imports
+        info["imports"] = round(time.perf_counter() - t, 3)
+        if spare.device.startswith("cuda"):
+            t = time.perf_counter()
+            torch.cuda.set_device(spare.device)
+            torch.empty(1, device=spare.device)
+            info["cuda"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            from ..config import PoolConfig
+            from .warmup import warm_up
+            info["warmup"] = warm_up(PoolConfig(devices=spare.device), spare.device, stop=_stdin_ready)
+            info["warmup_seconds"] = round(time.perf_counter() - t, 3)
+    except Exception:  # noqa: BLE001 - a failed warm-up leaves a plain worker, whose first job does it all
+        traceback.print_exc()
+    line = sys.stdin.buffer.readline()
+    info["waited"] = round(time.time() - PROCESS_STARTED, 3)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    for fd in saved:
+        os.close(fd)
+    if not line.strip():
+        sys.exit(0)
+    given = json.loads(line)
+    args = _parse(given)
+    if args.device != spare.device or args.parent_pid != spare.parent_pid:
+        print(f"a spare for {spare.device} of pid {spare.parent_pid} was given {args.device} of pid "
+              f"{args.parent_pid}; exiting", file=sys.stderr)
+        sys.exit(EXIT_PARENT_GONE)
+    return given, info
+
+
+def _stdin_ready() -> bool:
+    """Whether a pool has written to this spare's stdin (or closed it): the warm-up then stops early."""
+    try:
+        import select
+        return bool(select.select([0], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
+
+
 class Worker:
     """The connection to the client: a receiver thread (jobs, cancel, shutdown; exits the process when
     the connection ends), a heartbeat thread, and the main thread running jobs one at a time."""
 
-    def __init__(self, conn, args: argparse.Namespace):
+    def __init__(self, conn, args: argparse.Namespace, spare: dict | None = None):
         self.p = protocol
         self.conn, self.args, self.rank = conn, args, args.rank
         self._send_lock = threading.Lock()
@@ -87,6 +154,7 @@ class Worker:
         self.runtime = None
         self._profiled_once = False
         self.start_phases: dict = {}
+        self.spare = spare                   # a spare's account of its wait (imports, CUDA, warm-up), or None
 
     # ------------------------------------------------------------------ channel
     def send(self, msg: dict) -> None:
@@ -152,7 +220,6 @@ class Worker:
 
     def _start_runtime(self):
         import importlib
-        import json
         from datetime import timedelta
 
         import torch
@@ -183,6 +250,8 @@ class Worker:
         runtime = cls(config, args.rank, args.world_size, args.device)
         phases["runtime"] = time.perf_counter() - t
         self.start_phases = {k: round(v, 3) for k, v in phases.items()}
+        if self.spare is not None:
+            self.start_phases["spare"] = self.spare
         return runtime
 
     def _run(self, msg: dict) -> None:
@@ -299,6 +368,10 @@ def _rss_bytes() -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    spare = None
+    if argv[:1] == ["--spare"]:
+        argv, spare = _wait_as_spare(argv[1:])
     args = _parse(argv)
     _exit_with_parent(args.parent_pid)
     if hasattr(signal, "SIGUSR1"):
@@ -309,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     authkey = _read_authkey(protocol.AUTHKEY_BYTES)
     conn = Client(protocol.parse_address(args.family, args.address), args.family, authkey=authkey)
     protocol.send(conn, {"type": protocol.HELLO, "rank": args.rank, "pid": os.getpid()})
-    Worker(conn, args).serve()
+    Worker(conn, args, spare).serve()
 
 
 if __name__ == "__main__":

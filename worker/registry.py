@@ -1,7 +1,7 @@
 """The process's pools: the current one by config (`current_or_new`, behind client.get_pool; GPUs are
 exclusive, so a new config closes the old pool first), and every client of the process, closed at exit
-(atexit) and on SIGTERM once `close_pools_on_sigterm()` was called, so that no worker or private folder
-outlives the process."""
+(atexit) and on SIGTERM once `close_pools_on_sigterm()` was called, with the spare workers (worker/spares.py),
+so that no worker or private folder outlives the process."""
 from __future__ import annotations
 
 import atexit
@@ -12,6 +12,7 @@ import weakref
 from typing import TYPE_CHECKING, Callable
 
 from ..config import PoolConfig
+from .spares import spares
 
 if TYPE_CHECKING:
     from .client import PoolClient
@@ -34,14 +35,22 @@ def current_or_new(config: PoolConfig, make: Callable[[], "PoolClient"]) -> "Poo
         return _current
 
 
-def shutdown_all() -> None:
-    """Close every pool of this process (registered with atexit, and run on SIGTERM once
-    close_pools_on_sigterm() was called)."""
+def close_pools() -> None:
+    """Close every pool of this process; spare workers stay (a pool started next takes them)."""
     global _current
     with _registry_lock:
         _current = None
     for client in list(_clients):
         client.close()
+
+
+def shutdown_all() -> None:
+    """Close every pool and stop every spare worker of this process: nothing of the pack is left running
+    (registered with atexit, and run on SIGTERM once close_pools_on_sigterm() was called)."""
+    try:
+        close_pools()
+    finally:
+        spares.close()
 
 
 atexit.register(shutdown_all)

@@ -24,7 +24,7 @@ from .inputs import (CATEGORY, CONFIG_DESCRIPTION, CONFIG_DISPLAY_NAME, CONFIG_I
 from .latent import convert_latent
 from .model import check_model, check_model_sampling, model_kind
 from .progress import ComfyProgress
-from .sampler import Prepared, build_job, prepare, run_sampler
+from .sampler import Prepared, build_job, prepare, run_sampler, start_spare_workers
 from .samplers import check_sampler_inputs, map_sampler, noise_plan, validate_sampler_name
 from .stats import format_pool_stats
 from .weights import PatchedStateDict, comfy_patched_keys, model_identity
@@ -36,6 +36,6 @@ __all__ = [
     "ENGINE_NAMES", "OPTION_SOURCES", "PARALLEL_TYPE", "SAMPLER_DESCRIPTION", "SAMPLER_DISPLAY_NAME", "SAMPLER_INPUTS",
     "SAMPLER_NODE_ID", "SAMPLER_OUTPUT_TOOLTIP", "InputSpec", "in_input_words", "resolve_options", "convert_latent",
     "check_model", "check_model_sampling", "model_kind", "ComfyProgress", "Prepared", "build_job", "prepare",
-    "run_sampler", "check_sampler_inputs", "map_sampler", "noise_plan", "validate_sampler_name",
+    "run_sampler", "start_spare_workers", "check_sampler_inputs", "map_sampler", "noise_plan", "validate_sampler_name",
     "format_pool_stats", "PatchedStateDict", "comfy_patched_keys", "model_identity",
 ]

@@ -78,3 +78,7 @@ class ComfyBackend:
     def get_pool(self, config: PoolConfig):
         from ..worker.client import get_pool  # noqa: PLC0415 - started on first use
         return get_pool(config)
+
+    def start_spares(self, config: PoolConfig) -> list[str]:
+        from ..worker.client import start_spares  # noqa: PLC0415
+        return start_spares(config)

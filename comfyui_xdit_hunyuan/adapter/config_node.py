@@ -12,7 +12,7 @@ from .inputs import CONFIG_INPUTS, InputSpec
 def build_parallel_config(devices: str = "all", strategy: str = "auto", cfg_degree: int = 1,
                           ulysses_degree: int = 1, ring_degree: int = 1, pipefusion_degree: int = 1,
                           num_pipeline_patch: int = 0, warmup_steps: int = 1, attention: str = "auto",
-                          dtype: str = "auto", compile: bool = True, *, cuda_count: int | None = None,
+                          dtype: str = "auto", compile: bool = False, *, cuda_count: int | None = None,
                           environ: Mapping[str, str] | None = None) -> RunConfig:
     """The config node's value, checked as far as it can be without a model or an image: the pool (devices,
     dtype, attention, compile, with the XDIT_HUNYUAN_* overrides of `environ`, default os.environ) and the

@@ -22,6 +22,7 @@ from ..job import CondEntry, Job, JobCancelled, JobError, PoolError
 from ..model.config import HunyuanDiTConfig
 from ..plan import ParallelConfig, PlanError, load_table, resolve
 from .backend import ComfyBackend
+from .config_node import build_parallel_config
 from .conditioning import convert_conditioning
 from .inputs import in_input_words
 from .latent import convert_latent
@@ -82,6 +83,16 @@ def pool_config(pool: PoolConfig, model, backend: ComfyBackend) -> PoolConfig:
     if pool.cache_dir is None:
         changes["cache_dir"] = backend.cache_root()
     return replace(pool, **changes) if changes else pool
+
+
+def start_spare_workers(backend: ComfyBackend | None = None) -> list[str]:
+    """ComfyUI's start (the pack's entry point): spare workers for the pool of the config node's defaults
+    (every GPU, the compile caches in ComfyUI's user folder), so that the first image's pool starts from
+    processes that imported, made their CUDA context and warmed up meanwhile (worker/spares.py). Nothing on a
+    machine without a GPU, nothing with XDIT_HUNYUAN_SPARE_WORKERS=off. Returns the slots started."""
+    backend = backend or ComfyBackend()
+    pool = build_parallel_config().pool
+    return backend.start_spares(replace(pool, cache_dir=pool.cache_dir or backend.cache_root()))
 
 
 def build_job(model, seed: int, cfg: float, latent_image: Mapping, p: Prepared, *,

@@ -114,8 +114,9 @@ def common_options() -> argparse.ArgumentParser:
                      help="attention kernel. Default: auto (the fastest available)")
     par.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="compute dtype of the workers. Default: auto (bf16 on GPU, fp32 on CPU)")
-    par.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                     help="torch.compile the model on the GPU workers (CPU workers run eager). Default: on")
+    par.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                     help="torch.compile the model on the GPU workers (CPU workers run eager). Default: off "
+                          "(eager steps with CUDA graphs measured as fast)")
     for old in ("--ulysses", "--ring", "--pipefusion", "--patches", "--warmup"):
         par.add_argument(old, action=Renamed)
 

@@ -57,8 +57,14 @@ def padded_head_dim(d: int, multiple: int = 32) -> int:
     return d + (-d) % multiple
 
 
+# Row and token counts are not specialised on (Triton specialises integers by divisibility by 16 and by
+# being 1): one compiled kernel then serves every image size, batch (CFG split or not) and text length,
+# which leaves a first job (or a spare's warm-up, worker/warmup.py) fewer kernels to compile. The widths and
+# strides, fixed by the model, stay specialised.
+ROW_COUNTS = {"norm_rope_pad": ["M", "n_tok", "batch"], "layer_norm": ["R"]}
+
 if triton is not None:
-    @triton.jit
+    @triton.jit(do_not_specialize=ROW_COUNTS["norm_rope_pad"])
     def _norm_rope_pad_kernel(src, dst, w, b, cos, sin, M, n_tok, batch, src_stride, eps, q_scale,
                               H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_T: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
@@ -99,7 +105,7 @@ if triton is not None:
             y = tl.where(m2, y * q_scale, 0.0)
             tl.store(dst_rows + h * DP, y.to(dst.dtype.element_ty), mask=smask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=ROW_COUNTS["layer_norm"])
     def _cat_layer_norm_kernel(a, c, w, b, out, R, K, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         k = tl.arange(0, BLOCK)
@@ -122,7 +128,7 @@ if triton is not None:
         tl.store(o + K, (dc * rstd[:, None] * wc + bc).to(ty), mask=m)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=ROW_COUNTS["layer_norm"])
     def _add_layer_norm_kernel(x, delta, w, b, x_out, out, R, K, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         k = tl.arange(0, BLOCK)

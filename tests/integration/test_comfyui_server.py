@@ -469,18 +469,42 @@ def test_out_of_range_and_unknown_values_are_refused_by_prompt_once(server):
     assert len(errors) == 1 and "uni_pc_bh2x" in errors[0]["details"], errors
 
 
-def test_sigterm_of_comfyui_leaves_no_pool_folder(tmp_path_factory):
-    """A second server with its own TMPDIR: after a job the pool's private folder exists; SIGTERM (what
-    systemd and docker send) must stop the workers and remove it."""
-    gen = _server(tmp_path_factory, env_extra={"TMPDIR": str(tmp_path_factory.mktemp("tmpdir"))})
+def _spares_of(pid: int) -> list[int]:
+    """The spare worker processes (worker/spares.py) whose parent is `pid`."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--spare" in args and str(pid).encode() in args:
+            out.append(int(proc.name))
+    return out
+
+
+def test_sigterm_of_comfyui_leaves_no_pool_folder_and_no_spare(tmp_path_factory):
+    """A second server with its own TMPDIR and spare workers on (as on a GPU machine): the entry point starts a
+    spare; after a job the pool's private folder and the spares' exist, and the pool has started spares for
+    the next pool; SIGTERM (what systemd and docker send) must stop the workers and spares and remove both."""
+    gen = _server(tmp_path_factory, env_extra={"TMPDIR": str(tmp_path_factory.mktemp("tmpdir")),
+                                               "XDIT_HUNYUAN_SPARE_WORKERS": "on"})
     srv = next(gen)
     tmp = Path(srv.env["TMPDIR"])
     try:
+        assert len(_spares_of(srv.proc.pid)) == 1          # started when ComfyUI loaded the pack
         srv.run_ok(graph(ksampler=False, devices="cpu:2", cfg_degree=2, steps=2))
         folders = list(tmp.glob("xdit-pool-*"))
-        assert len(folders) == 1, folders
+        assert len(folders) == 2, folders                   # the pool's and the spares'
+        deadline = time.monotonic() + 30
+        while len(_spares_of(srv.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)                                 # started after the job, for a pool of two
+        spares = _spares_of(srv.proc.pid)
+        assert len(spares) == 2, spares
         srv.proc.send_signal(signal.SIGTERM)
         srv.proc.wait(timeout=30)
-        assert not folders[0].exists(), sorted(p.name for p in folders[0].iterdir())
+        assert [f for f in folders if f.exists()] == []
+        time.sleep(0.5)
+        assert [p for p in spares if Path(f"/proc/{p}").exists() and
+                Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"] == []
     finally:
         gen.close()

@@ -1,6 +1,7 @@
 """bench/session.py on CPU workers with a tiny model, in one process with ComfyUI's KSampler: every event's
 latent equals KSampler's, and only what changed travels (the LoRA's tensors when it is added or its strength
-changes, nothing when it is removed: the workers kept the base tensors; everything after a restart).
+changes, nothing when it is removed: the workers kept the base tensors; everything after a restart), and the
+cold start and the restart start from spare workers.
 
 Needs COMFYUI_DIR (and COMFYUI_PYTHON with ComfyUI's requirements, default this interpreter)."""
 from __future__ import annotations
@@ -23,7 +24,7 @@ REL_TOL = 1e-5                 # as tests/integration/test_comfyui_server.py (fl
 def test_the_session_matches_ksampler_and_sends_only_what_changed(tmp_path):
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     p = subprocess.run([python, str(ROOT / "bench" / "session.py"), "--comfyui", COMFYUI_DIR, "--devices", "cpu:1",
-                        "--preset", "comfy-tiny", "--size", "64", "--steps", "2", "--out", str(tmp_path)],
+                        "--preset", "comfy-tiny", "--size", "64", "--steps", "2", "--spares", "on", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-4000:]
     report = json.loads((tmp_path / "session.json").read_text())
@@ -38,3 +39,6 @@ def test_the_session_matches_ksampler_and_sends_only_what_changed(tmp_path):
     assert sent["LoRA added"] == sent["LoRA strength changed"] == (False, lora, 0)
     assert sent["LoRA removed"] == (False, 0, lora)
     assert report["speedup"] > 0 and "pack" in p.stdout and "KSampler" in p.stdout
+    # the first pool took the spare started before the MODEL was built, the restarted pool the one the first
+    # pool had started after its first job
+    assert events["cold start"]["spares_taken"] == 1 and events["restart"]["spares_taken"] == 1
