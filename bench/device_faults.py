@@ -108,7 +108,7 @@ def plan_for(a, first: str | None = None) -> ParallelConfig:
 
 
 def pool_for(a) -> PoolConfig:
-    return PoolConfig(devices=a.devices, compile=a.compile)
+    return PoolConfig(devices=a.devices, compile=a.compile, spare_workers="off")
 
 
 def main():

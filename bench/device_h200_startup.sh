@@ -4,7 +4,8 @@
 # bench/floors.py, 1024^2 and 2048^2), the GPU tests of compiling in the background, and the artist session
 # with compile off and spare workers (bench/session.py; carry .comfywhl and .comfy for it).
 #
-#   bash bench/device_h200_startup.sh OUT PART...      PART: startup | floors | background | session | checks
+#   bash bench/device_h200_startup.sh OUT PART...      PART: startup | floors | background | session | checks |
+#                                                      restart (the session with ComfyUI's own restart)
 # checks: the fused kernels against their references on the GPU (bench/gpu_checks.py) and the GPU tests.
 set -uo pipefail
 out=${1:?usage: bash bench/device_h200_startup.sh OUT PART...}; shift
@@ -35,9 +36,14 @@ for part in "$@"; do
       COMFYUI_DIR=$PWD/.comfy timeout 400 python3 bench/session.py --devices all --preset full --size 1024 --steps 50 \
         --no-compile --verbose --out "$out/session" 2>&1 | tee "$out/session.log" | filter \
         | grep -E "^  (pack|KSampler)|^    start|ready on|takes the spare|^session|^GPU proc|^spare |^[a-z].*[0-9]" | tail -70 ;;
+    restart)
+      echo "== session, ComfyUI restarted at the restart event (pack first, cold; then KSampler) =="
+      COMFYUI_DIR=$PWD/.comfy timeout 400 python3 bench/session.py --devices all --preset full --size 1024 --steps 50 \
+        --restart comfyui --verbose --out "$out/session_restart" 2>&1 | tee "$out/session_restart.log" | filter \
+        | grep -E "^  (pack|KSampler)|^    start|^    restart|takes the spare|^session|^[a-z].*[0-9]" | tail -60 ;;
     checks)
       echo "== fused kernels on the GPU =="
-      timeout 200 python3 bench/gpu_checks.py --only fused,seqfirst --skip-compile 2>&1 | filter | tail -25
+      PYTHONPATH=.:${PYTHONPATH:-} timeout 200 python3 bench/gpu_checks.py --only fused,seqfirst --skip-compile 2>&1 | filter | tail -25
       echo "== GPU tests =="
       timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_background_compile.py \
         tests/test_weight_updates.py tests/test_loading.py tests/test_spares.py 2>&1 | tail -4 ;;

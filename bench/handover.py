@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     del model
     print(f"handover: {sum(t.numel() * t.element_size() for t in cpu.values()) / 2**30:.2f} GiB in {len(cpu)} "
           f"tensors (fp16), {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}", flush=True)
-    base = PoolConfig(devices=a.devices, dtype="fp16", compile=False)
+    base = PoolConfig(devices=a.devices, dtype="fp16", compile=False, spare_workers="off")   # every pool cold
     file = PoolConfig(**{**base.to_dict(), "weights_transfer": "file"})
     # the machine's first GPU process reads cuDNN & co. from disk: a warm-up pool first
     first = one("warm-up (page cache, GPU)", file, cpu, a.size, 2, arch)

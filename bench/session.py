@@ -15,7 +15,9 @@ model unloaded), a cfg change.
 
 The spare workers (PoolConfig.spare_workers) start as the pack's entry point starts them when ComfyUI loads
 it: before the MODEL is built, which takes the place of ComfyUI loading the checkpoint. The cold start's
-compile cache is empty; the restart finds the spares the first pool had started after its first job.
+compile cache is empty; the restart finds the spares the first pool had started after its first job. With
+--restart comfyui the restart is ComfyUI's own: every pool and spare stopped, spares started as the entry point
+starts them, the MODEL loaded again by ComfyUI's loader (on both sides), then the job.
 
     COMFYUI_DIR=/path/to/ComfyUI python bench/session.py --devices all --preset full --size 1024 --steps 50 --out DIR
     COMFYUI_DIR=... python bench/session.py --devices cpu:1 --preset comfy-tiny --size 64 --steps 2 --out DIR   # a test
@@ -92,7 +94,8 @@ def conditioning(seed: int):
 
 def session_inputs(comfy, arch, a):
     """The 12 events' inputs: (event, model, seed, cfg, positive, latent, restart)."""
-    model = comfy.sd.load_diffusion_model_state_dict(checkpoint(arch, 0))
+    sd = checkpoint(arch, 0)
+    model = comfy.sd.load_diffusion_model_state_dict(sd)
     lora_sd = lora(arch, 1)
     with_lora = {s: comfy.sd.load_lora_for_models(model, None, lora_sd, s, 0)[0] for s in (0.8, 0.5)}
     pos_a, pos_b, neg = conditioning(1), conditioning(2), conditioning(3)
@@ -111,6 +114,8 @@ def session_inputs(comfy, arch, a):
     ev[5]["model"], ev[6]["model"] = with_lora[0.8], with_lora[0.5]
     ev[8]["latent"] = other
     ev[10]["restart"] = True
+    if a.restart == "comfyui":            # ComfyUI's loader runs again after the restart: a new MODEL
+        ev[10]["reload"] = lambda: comfy.sd.load_diffusion_model_state_dict(sd)
     ev[11]["cfg"] = 7.0
     return ev, neg
 
@@ -131,16 +136,26 @@ def run_pack(events, neg, a, setup) -> list[dict]:
     from comfyui_xdit_hunyuan import adapter
     from comfyui_xdit_hunyuan.worker.client import close_pools, get_pool
 
-    out = []
+    from comfyui_xdit_hunyuan.worker.client import shutdown_all, start_spares
+
+    out, reloaded = [], None
     for e in events:
-        if e["restart"]:
+        if e["restart"] and a.restart == "comfyui":
+            shutdown_all()                    # ComfyUI exits: pools and spares stop
+            start_spares(setup.pool)          # ComfyUI starts and loads the pack, then the checkpoint
+            t = time.perf_counter()
+            reloaded = e["reload"]()
+            print(f"    restart: spares started, the MODEL loaded in {time.perf_counter() - t:.2f} s before the job",
+                  flush=True)
+        elif e["restart"]:
             close_pools()
+        model = reloaded or e["model"]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            latent = adapter.run_sampler(e["model"], e["seed"], a.steps, e["cfg"], a.sampler, "normal", e["positive"],
+            latent = adapter.run_sampler(model, e["seed"], a.steps, e["cfg"], a.sampler, "normal", e["positive"],
                                          neg, e["latent"], 1.0, setup)
         seconds = time.perf_counter() - t0
-        pool = get_pool(adapter.sampler.pool_config(setup.pool, e["model"], adapter.ComfyBackend()))
+        pool = get_pool(adapter.sampler.pool_config(setup.pool, model, adapter.ComfyBackend()))
         stats = pool.last_stats
         rt = (stats.get("ranks") or [{}])[0].get("runtime") or {}
         steps = stats.get("step_seconds") or []
@@ -190,14 +205,16 @@ def _s(x) -> str:
 
 def run_ksampler(comfy, events, neg, a) -> list[dict]:
     import nodes
-    out = []
+    out, reloaded = [], None
     for e in events:
         if e["restart"]:
             comfy.model_management.unload_all_models()
             comfy.model_management.soft_empty_cache()
+            if "reload" in e:
+                reloaded = e["reload"]()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            latent = nodes.common_ksampler(e["model"], e["seed"], a.steps, e["cfg"], a.sampler, "normal",
+            latent = nodes.common_ksampler(reloaded or e["model"], e["seed"], a.steps, e["cfg"], a.sampler, "normal",
                                            e["positive"], neg, e["latent"], denoise=1.0)[0]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -221,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ksampler", action="store_true", help="the pack's session only")
     ap.add_argument("--profile-dir", help="each worker writes a cProfile of its first job there (slows it)")
     ap.add_argument("--spares", choices=("auto", "on", "off"), help="PoolConfig.spare_workers (default: its own)")
+    ap.add_argument("--restart", choices=("pool", "comfyui"), default="pool",
+                    help="the restart event: every pool closed (default), or ComfyUI restarted: pools and spares "
+                         "stopped, spares started as at ComfyUI's start, the MODEL loaded again, then the job")
     ap.add_argument("--out", default="out/session")
     ap.add_argument("--verbose", action="store_true", help="the workers' own output (start-up times, compiler)")
     a = ap.parse_args(argv)

@@ -83,8 +83,10 @@ def run_bench(args) -> dict:
             pool_config = PoolConfig(devices=",".join(devices[:n]) if devices[0] != "cpu" else f"cpu:{n}",
                                      compile=compiled, dtype=args.dtype, attention=args.attention,
                                      cache_dir=str(default_root()),
-                                     # measured as asked: compiled jobs compile in the workers, never eager
-                                     background_compile=False).with_overrides(env_overrides(os.environ))
+                                     # measured as asked: compiled jobs compile in the workers, never eager;
+                                     # no spare's warm-up next to the measured jobs
+                                     background_compile=False,
+                                     spare_workers="off").with_overrides(env_overrides(os.environ))
             t_start = time.perf_counter()
             try:
                 client = PoolClient(pool_config, hang_timeout=args.hang_timeout,

@@ -87,8 +87,10 @@ def common_settings(args: argparse.Namespace) -> Settings:
     if strategy == "auto" and degrees:
         given = " ".join(OPTION_NAMES[f] for f in DEGREES if f in degrees)
         raise UsageError(f"--strategy auto chooses the degrees itself; drop {given}, or use --strategy manual")
+    # spare workers off: a one-shot run has no next pool to start (and a benchmark's jobs must not share the GPU
+    # with a spare's warm-up)
     pool = PoolConfig(devices=args.devices, attention=args.attention, dtype=args.dtype, compile=bool(args.compile),
-                      cache_dir=str(default_root())).with_overrides(env_overrides(os.environ))
+                      cache_dir=str(default_root()), spare_workers="off").with_overrides(env_overrides(os.environ))
     parallel = ParallelConfig(strategy=strategy, num_pipeline_patch=args.num_pipeline_patch,
                               warmup_steps=args.warmup_steps, **degrees)
     # parallel.validate() runs in resolve_plan(), with the model's own head count and depth
