@@ -92,10 +92,18 @@ def conditioning(seed: int):
                                                        "pooled_output": torch.randn(1, 1024, generator=g)}]]
 
 
+def load_model(comfy, sd: dict):
+    """A MODEL by ComfyUI's loader (which empties the dict it is given: it gets a copy)."""
+    model = comfy.sd.load_diffusion_model_state_dict(dict(sd))
+    if model is None:
+        raise RuntimeError("ComfyUI's loader did not recognise the checkpoint")
+    return model
+
+
 def session_inputs(comfy, arch, a):
     """The 12 events' inputs: (event, model, seed, cfg, positive, latent, restart)."""
     sd = checkpoint(arch, 0)
-    model = comfy.sd.load_diffusion_model_state_dict(sd)
+    model = load_model(comfy, sd)
     lora_sd = lora(arch, 1)
     with_lora = {s: comfy.sd.load_lora_for_models(model, None, lora_sd, s, 0)[0] for s in (0.8, 0.5)}
     pos_a, pos_b, neg = conditioning(1), conditioning(2), conditioning(3)
@@ -115,7 +123,7 @@ def session_inputs(comfy, arch, a):
     ev[8]["latent"] = other
     ev[10]["restart"] = True
     if a.restart == "comfyui":            # ComfyUI's loader runs again after the restart: a new MODEL
-        ev[10]["reload"] = lambda: comfy.sd.load_diffusion_model_state_dict(sd)
+        ev[10]["reload"] = lambda: load_model(comfy, sd)
     ev[11]["cfg"] = 7.0
     return ev, neg
 
