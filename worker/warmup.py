@@ -7,9 +7,8 @@ finds all of that done. Nothing it builds is kept: its model, runtime and CUDA g
 memory given back; only the process-wide state (loaded libraries, Triton's compiled kernels in memory and in
 its cache folder) remains, which is what the first job would otherwise make.
 
-One case per dtype (most likely first: ComfyUI runs HunyuanDiT in fp16 on most GPUs): the fused kernels
-compiled in parallel threads (model/kernels.py, precompile), then rank 0's share of the serial plan, a 256²
-image, two steps. The fused kernels are compiled for any row count
+One case per dtype (most likely first: ComfyUI runs HunyuanDiT in fp16 on most GPUs): rank 0's share of
+the serial plan, a 256² image, two steps. The fused kernels are compiled for any row count
 (model/kernels.py, ROW_COUNTS), so these kernels serve every image size and CFG split; another plan's
 (Ulysses' heads per rank) compile at its first job.
 """
@@ -37,8 +36,6 @@ def warm_up(pool, device: str, *, dtypes: tuple[str, ...] = ("fp16", "bf16"),
     from ..plan import ParallelConfig
     from ..tiny import preset, random_model
 
-    from ..model import kernels
-
     arch = arch or replace(preset("full"), depth=WARMUP_DEPTH)
     cuda = torch.device(device).type == "cuda"
     seconds: dict[str, float] = {}
@@ -46,8 +43,6 @@ def warm_up(pool, device: str, *, dtypes: tuple[str, ...] = ("fp16", "bf16"),
         if stop():
             break
         t0 = time.perf_counter()
-        if kernels.wanted(torch.device(device), pool.fused_kernels):    # in parallel, before the job needs them
-            kernels.precompile(arch.hidden_size, arch.num_heads, DTYPES[dtype], device)
         runtime = RankRuntime(replace(pool, dtype=dtype, compile=False, profile_dir=None), 0, 1, device)
         model = random_model(arch, seed=0, dtype=DTYPES[dtype], device=device)
         job = bench_job(arch, WARMUP_PIXELS, 2, 0, WeightsRef(f"warm-up:{dtype}", model.state_dict()))

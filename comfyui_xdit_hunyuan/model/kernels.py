@@ -248,38 +248,6 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, norm, *, block_r: int |
     return x_out, out
 
 
-def precompile(hidden: int, heads: int, dtype: torch.dtype, device, pad_to: int | None = None) -> int:
-    """Compile, in parallel threads, the kernels one GPU's HunyuanDiT blocks launch (a spare worker's warm-up,
-    worker/warmup.py), by launching each once on a few rows: q / k (per-head norm + RoPE) and v (padding only)
-    of a QKV projection, the cross-attention's q (the same kernel as q / k), the skip merge's and the residual
-    add's LayerNorms. Triton compiles a kernel at its first launch, one after another within a thread; the
-    threads' compiles overlap (ptxas runs as a process). Returns the launches made (0 without Triton on a GPU).
-    Row counts are not specialised (ROW_COUNTS), so the kernels compiled here are the ones a job of any size
-    launches; widths, dtype and head dims must be the model's."""
-    device = torch.device(device)
-    if triton is None or device.type != "cuda":
-        return 0
-    from concurrent.futures import ThreadPoolExecutor
-    d = hidden // heads
-    pad_to = pad_to or padded_head_dim(d)
-    rows = 16
-    kw = {"device": device, "dtype": dtype}
-    y = torch.randn(1, rows, 3 * hidden, **kw)
-    rope = tuple(torch.randn(rows, d, device=device) for _ in range(2))
-    head_norm = torch.nn.LayerNorm(d, eps=1e-6, **kw)
-    x, other = torch.randn(1, rows, hidden, **kw), torch.randn(1, rows, hidden, **kw)
-    wide_norm, norm = torch.nn.LayerNorm(2 * hidden, eps=1e-6, **kw), torch.nn.LayerNorm(hidden, eps=1e-6, **kw)
-    launches = [lambda: norm_rope_pad(y, 0, heads, d, head_norm, rope, pad_to, softmax_rescale(d, pad_to)),
-                lambda: norm_rope_pad(y, 2 * heads * d, heads, d, None, None, pad_to),
-                lambda: cat_layer_norm(x, other, wide_norm),
-                lambda: add_layer_norm(x, other, norm)]
-    with ThreadPoolExecutor(len(launches), thread_name_prefix="triton-precompile") as pool:
-        for f in [pool.submit(launch) for launch in launches]:
-            f.result()
-    torch.cuda.synchronize(device)
-    return len(launches)
-
-
 def pad_head_dim(t: torch.Tensor, pad_to: int) -> torch.Tensor:
     """[..., d] -> [..., pad_to], zeros appended (the text K/V of the cross-attention, once per job)."""
     return F.pad(t, (0, pad_to - t.shape[-1])) if pad_to > t.shape[-1] else t
