@@ -232,6 +232,10 @@ class PoolClient:
                     self.spares_taken += 1
                 except OSError:
                     kill_group(proc)                 # it died meanwhile: a fresh worker instead
+                    try:
+                        proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
                     proc = None
             if proc is None:
                 try:

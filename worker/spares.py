@@ -36,6 +36,7 @@ from . import protocol as P
 from .processes import kill_group, own_process_group, private_dir, spawn
 
 SPARE_FLAG = "--spare"
+WORKER_MODULE = __package__ + ".main"
 log = logging.getLogger("comfyui_xdit_hunyuan.pool")
 
 
@@ -91,6 +92,10 @@ class Spares:
         if spare.proc.poll() is not None:
             log.warning("xDiT pool: the spare worker for %s exited with code %s; a fresh worker starts instead. "
                         "Its output:\n%s", slot, spare.proc.returncode, _tail(spare.log_path))
+        else:
+            changed = sorted(k for k in set(spare.env) | set(env) if spare.env.get(k) != env.get(k))
+            log.info("xDiT pool: the spare worker for %s does not fit (%s); a fresh worker starts instead", slot,
+                     "another interpreter" if spare.python != python else "environment changed: " + ", ".join(changed))
         self._dismiss(spare)
         return None
 
@@ -148,5 +153,4 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no output)"
 
 
-WORKER_MODULE = __package__ + ".main"
 spares = Spares()           # the process's spares (the registry closes them at exit)
