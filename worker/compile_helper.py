@@ -31,8 +31,8 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from .main import _exit_with_parent
-    _exit_with_parent(args.parent_pid)
+    from .processes import exit_with_parent
+    exit_with_parent(args.parent_pid)
     import torch
 
     from ..config import PoolConfig

@@ -11,7 +11,6 @@ command line (a JSON list, one line) and the control key from stdin and goes on 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import queue
@@ -22,8 +21,8 @@ import time
 import traceback
 
 from . import protocol
+from .processes import EXIT_PARENT_GONE, exit_with_parent, parent_gone
 
-EXIT_PARENT_GONE = 3
 PROCESS_STARTED = time.time()
 
 
@@ -41,27 +40,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--pg-timeout", type=float, default=600.0, help="process group timeout, seconds")
     return p.parse_args(argv)
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Linux: the kernel kills this process when its parent dies (the client forks workers from a
-    thread that lives as long as its process, since the signal follows the forking thread). The
-    control-connection watchdog covers every OS. If the parent is already gone, leave now."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if _parent_gone(parent_pid):
-        print("the pool client exited before this worker started; exiting", file=sys.stderr)
-        sys.exit(EXIT_PARENT_GONE)
-
-
-def _parent_gone(parent_pid: int) -> bool:
-    """POSIX: an orphan is re-parented, so its parent pid changes. (Not on Windows, where a venv's
-    launcher process may sit between the client and this process.)"""
-    return os.name == "posix" and os.getppid() != parent_pid
 
 
 def _read_authkey(size: int) -> bytes:
@@ -84,7 +62,7 @@ def _wait_as_spare(argv: list[str]) -> tuple[list[str], dict]:
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--log", required=True)
     spare = p.parse_args(argv)
-    _exit_with_parent(spare.parent_pid)
+    exit_with_parent(spare.parent_pid)
     saved = [os.dup(1), os.dup(2)]
     out = os.open(spare.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(out, 1)
@@ -185,7 +163,7 @@ class Worker:
     def _heartbeat(self) -> None:
         while True:
             time.sleep(self.p.HEARTBEAT_S)
-            if _parent_gone(self.args.parent_pid):
+            if parent_gone(self.args.parent_pid):
                 print("the pool client is gone; exiting", file=sys.stderr, flush=True)
                 os._exit(EXIT_PARENT_GONE)
             if self.busy.is_set():
@@ -373,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--spare"]:
         argv, spare = _wait_as_spare(argv[1:])
     args = _parse(argv)
-    _exit_with_parent(args.parent_pid)
+    exit_with_parent(args.parent_pid)
     if hasattr(signal, "SIGUSR1"):
         import faulthandler
         faulthandler.register(signal.SIGUSR1, all_threads=True)   # the client asks for stacks of a stall

@@ -1,18 +1,22 @@
 """The operating-system side of the pool: starting worker processes so that they die with their
-parent, killing them as a group, describing how they ended, and removing what a killed client left."""
+parent (and, in the child, dying with it), killing them as a group, describing how they ended, and removing what
+a killed client left."""
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from concurrent.futures import Future
 from pathlib import Path
 
 DIR_PREFIX = "xdit-pool-"
+EXIT_PARENT_GONE = 3             # a worker's (or helper's, or spare's) exit status when its client is gone
 SHM = "/dev/shm"                 # memory-backed files (Linux): staged weights never touch a disk
 
 
@@ -62,6 +66,27 @@ _spawner = _Spawner()
 def spawn(*args, **kwargs) -> subprocess.Popen:
     """subprocess.Popen(*args, **kwargs), run on the spawner thread."""
     return _spawner.popen(*args, **kwargs)
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """In a child (worker, spare, compile helper): Linux makes the kernel kill this process when its parent dies
+    (the client forks from a thread that lives as long as its process, since the signal follows the forking
+    thread); the control-connection watchdog covers every OS. If the parent is already gone, leave now."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if parent_gone(parent_pid):
+        print("the pool client exited before this process started; exiting", file=sys.stderr)
+        sys.exit(EXIT_PARENT_GONE)
+
+
+def parent_gone(parent_pid: int) -> bool:
+    """POSIX: an orphan is re-parented, so its parent pid changes. (Not on Windows, where a venv's
+    launcher process may sit between the client and this process.)"""
+    return os.name == "posix" and os.getppid() != parent_pid
 
 
 def own_process_group() -> dict:
