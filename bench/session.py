@@ -5,8 +5,9 @@ The MODEL is built by ComfyUI's own loader (comfy.sd.load_diffusion_model_state_
 ComfyUI's layout, the LoRA (rank 16 on attn1.Wqkv, attn1.out_proj and mlp.fc1 of every block) applied by
 ComfyUI's own LoRA code (comfy.sd.load_lora_for_models). The pack's side calls the sampler node's entry
 (adapter.run_sampler) with the config node's value (adapter.build_parallel_config: strategy auto, compile
-as the node's default, off); KSampler's side calls nodes.common_ksampler, what the KSampler node runs. The pack's session runs first,
-from a cold pool and an empty compile cache; then KSampler's, from a MODEL ComfyUI has not loaded yet.
+as the node's default, off); KSampler's side calls nodes.common_ksampler, what the KSampler node runs. The
+pack's session runs first, from a cold pool and an empty compile cache; then KSampler's, from a MODEL ComfyUI
+has not loaded yet.
 
 Events (12 images): cold start, 3 more seeds, a prompt change, a LoRA added, its strength changed, the LoRA
 removed, a new size, back to the first size, a restart (the pack: every pool closed, the compile cache kept
@@ -142,9 +143,7 @@ def pack_setup(a, cache_dir: str):
 
 def run_pack(events, neg, a, setup) -> list[dict]:
     from comfyui_xdit_hunyuan import adapter
-    from comfyui_xdit_hunyuan.worker.client import close_pools, get_pool
-
-    from comfyui_xdit_hunyuan.worker.client import shutdown_all, start_spares
+    from comfyui_xdit_hunyuan.worker.client import close_pools, get_pool, shutdown_all, start_spares
 
     out, reloaded = [], None
     for e in events:
@@ -157,7 +156,7 @@ def run_pack(events, neg, a, setup) -> list[dict]:
                   flush=True)
         elif e["restart"]:
             close_pools()
-        model = reloaded or e["model"]
+        model = e["model"] if reloaded is None else reloaded
         t0 = time.perf_counter()
         with torch.inference_mode():
             latent = adapter.run_sampler(model, e["seed"], a.steps, e["cfg"], a.sampler, "normal", e["positive"],
@@ -220,9 +219,10 @@ def run_ksampler(comfy, events, neg, a) -> list[dict]:
             comfy.model_management.soft_empty_cache()
             if "reload" in e:
                 reloaded = e["reload"]()
+        model = e["model"] if reloaded is None else reloaded
         t0 = time.perf_counter()
         with torch.inference_mode():
-            latent = nodes.common_ksampler(reloaded or e["model"], e["seed"], a.steps, e["cfg"], a.sampler, "normal",
+            latent = nodes.common_ksampler(model, e["seed"], a.steps, e["cfg"], a.sampler, "normal",
                                            e["positive"], neg, e["latent"], denoise=1.0)[0]
         if torch.cuda.is_available():
             torch.cuda.synchronize()

@@ -222,10 +222,10 @@ class PoolClient:
                   "--parent-pid", str(os.getpid()), "--pg-timeout", str(max(60.0, self.startup_timeout))]
         self._worker_envs = worker_environments(devices, cache_env)
         self.spares_taken = 0
-        self._replenish = uses_spares(self.config, devices)
+        self._replenish = uses_spares(self.config, devices)      # take spares now, start new ones after a job
         for rank, (device, (slot, env)) in enumerate(zip(devices, self._worker_envs.items())):
             argv = ["--rank", str(rank), "--device", device, *common]
-            proc = spares.take(self.python, slot, env) if uses_spares(self.config, devices) else None
+            proc = spares.take(self.python, slot, env) if self._replenish else None
             if proc is not None:
                 try:
                     assign(proc, argv, authkey)      # the key goes through the stdin pipe only
